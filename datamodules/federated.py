@@ -1,0 +1,79 @@
+"""A LightningDataModule that gives every user its own (possibly poisoned)
+training set and keeps a held-out test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.users import choose_malicious, iid_partition, poison_targeted
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement :meth:`load_arrays`.
+
+    After :meth:`setup`:
+
+    - ``train_x``, ``train_y``: the union of the users' data, labels as the
+      users hold them (poisoned for malicious users when ``poison`` is true);
+    - ``clean_train_y``: the true labels; ``poisoned``: mask of relabelled samples;
+    - ``user_indices``: one index tensor into ``train_x`` per user;
+    - ``malicious``: boolean tensor, one entry per user;
+    - ``test_x``, ``test_y``: the held-out test set.
+
+    The split and the choice of malicious users depend only on ``seed``, so
+    the benign arm (``poison=False``) and the attacked arms share them.
+    """
+
+    num_classes: int
+    num_features: int
+
+    def __init__(
+        self,
+        num_users: int,
+        malicious_fraction: float,
+        source_class: int,
+        target_class: int,
+        poisoned_fraction: float,
+        poison: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return ``train_x, train_y, test_x, test_y`` as float32 / int64 arrays."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        train_x, train_y, test_x, test_y = self.load_arrays()
+        # one generator per purpose, so that changing one never shifts another
+        split_rng, malicious_rng, poison_rng = (np.random.default_rng([h.seed, k]) for k in range(3))
+        indices = iid_partition(len(train_y), h.num_users, split_rng)
+        malicious = choose_malicious(h.num_users, h.malicious_fraction, malicious_rng)
+        labels, poisoned = train_y, np.zeros(len(train_y), dtype=bool)
+        if h.poison:
+            labels, poisoned = poison_targeted(
+                train_y, indices, malicious, h.source_class, h.target_class, h.poisoned_fraction, poison_rng
+            )
+        self.train_x = torch.as_tensor(train_x)
+        self.train_y = torch.as_tensor(labels)
+        self.clean_train_y = torch.as_tensor(train_y)
+        self.poisoned = torch.as_tensor(poisoned)
+        self.user_indices = [torch.as_tensor(i) for i in indices]
+        self.malicious = torch.as_tensor(malicious)
+        self.test_x = torch.as_tensor(test_x)
+        self.test_y = torch.as_tensor(test_y)
+
+    def user_dataset(self, user: int) -> TensorDataset:
+        idx = self.user_indices[user]
+        return TensorDataset(self.train_x[idx], self.train_y[idx])
+
+    def user_dataloader(self, user: int, batch_size: int) -> DataLoader:
+        return DataLoader(self.user_dataset(user), batch_size=batch_size, shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.test_x, self.test_y), batch_size=1024)

@@ -1,0 +1,66 @@
+"""The ``auror`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def format_table(results: dict[str, dict[str, float | None]]) -> str:
+    metrics = list(next(iter(results.values())))
+    width = max(len(m) for m in metrics)
+    lines = ["arm".ljust(8) + "".join(m.rjust(width + 2) for m in metrics)]
+    for arm, values in results.items():
+        cells = ("-" if values[m] is None else f"{values[m]:.3f}" for m in metrics)
+        lines.append(arm.ljust(8) + "".join(c.rjust(width + 2) for c in cells))
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+    cfg = load_config(params, args.set)
+    from pipeline.experiment import run_experiment  # heavy imports after validation
+
+    start = time.perf_counter()
+    results = run_experiment(cfg)
+    print()
+    print(format_table(results))
+    print(f"\n{time.perf_counter() - start:.1f} s. Final metrics: {Path(cfg.tracking.reports_dir) / 'latest.json'}, "
+          f"plot: {Path(cfg.tracking.reports_dir) / 'latest.png'}")
+    print(f"Runs: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="auror", description="AUROR: targeted poisoning and its defense in collaborative learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benign, attack and auror arms with one seed and data split")
+    run.add_argument("--params", help=f"YAML params file (default: ./{DEFAULT_PARAMS} when present, else built-in defaults)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one key, e.g. --set attack.malicious_fraction=0.2 (repeatable)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"auror: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("auror: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

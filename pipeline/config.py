@@ -1,0 +1,240 @@
+"""Typed, validated experiment configuration.
+
+The dataclasses below hold the defaults; ``params.yaml`` at the repository
+root mirrors them (a test keeps the two equal) and is what DVC reads.
+Every value is checked in :func:`validate` before any work starts, and every
+problem is reported as a :class:`ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    test_fraction: float = 0.25
+
+
+@dataclass
+class UsersConfig:
+    num_users: int = 10
+    malicious_fraction: float = 0.3
+    partition: str = "iid"
+
+
+@dataclass
+class AttackConfig:
+    source_class: int = 1
+    target_class: int = 7
+    # fraction of each malicious user's source-class samples relabelled
+    poisoned_fraction: float = 1.0
+    malicious_epochs: int = 5
+    malicious_lr_multiplier: float = 1.0
+    # malicious updates are multiplied by this before upload
+    boost: float = 1.0
+
+
+@dataclass
+class DefenseConfig:
+    # how alpha is read: "absolute" centre distance, or the "quantile" of the
+    # observed centre distances over all features
+    alpha_mode: str = "absolute"
+    alpha: float = 0.02
+    tau: float = 0.5
+    window_rounds: int = 3
+    # "mean": one feature per parameter, averaged over the window;
+    # "stack": one feature per (round, parameter)
+    window_reduce: str = "mean"
+
+
+@dataclass
+class TrainingConfig:
+    rounds: int = 30
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.1
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_dir: str = "mlruns/artifacts"
+    experiment: str = "auror"
+    reports_dir: str = "reports"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``, for logging as MLflow params."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+DATASETS = {"digits": 10}  # name -> number of classes
+PARTITIONS = ("iid",)
+ALPHA_MODES = ("absolute", "quantile")
+WINDOW_REDUCES = ("mean", "stack")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML or command-line value to the annotated type, or fail."""
+    if get_origin(hint) is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if isinstance(value, str) and hint is not str:
+        parsed = yaml.safe_load(value)
+        value = parsed if parsed is not None else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known & values.keys():
+        hint, key = hints[name], f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, values[name], key)
+        else:
+            kwargs[name] = _coerce(key, values[name], hint)
+    return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value; raise :class:`ConfigError` naming the first bad key."""
+    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    d, u, a, df, t = cfg.data, cfg.users, cfg.attack, cfg.defense, cfg.training
+    _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}", d.name)
+    _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
+    _check(u.num_users >= 2, "users.num_users", "must be >= 2", u.num_users)
+    _check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
+           "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
+    _check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
+    num_classes = DATASETS[d.name]
+    for key in ("source_class", "target_class"):
+        value = getattr(a, key)
+        _check(0 <= value < num_classes, f"attack.{key}", f"must be a class of {d.name} (0..{num_classes - 1})", value)
+    _check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
+    _check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
+    _check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
+    _check(a.malicious_lr_multiplier > 0, "attack.malicious_lr_multiplier", "must be > 0", a.malicious_lr_multiplier)
+    _check(a.boost > 0, "attack.boost", "must be > 0", a.boost)
+    _check(df.alpha_mode in ALPHA_MODES, "defense.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}", df.alpha_mode)
+    if df.alpha_mode == "quantile":
+        _check(0 <= df.alpha < 1, "defense.alpha", "must be in [0, 1) with alpha_mode=quantile", df.alpha)
+    else:
+        _check(df.alpha >= 0, "defense.alpha", "must be >= 0", df.alpha)
+    _check(0 <= df.tau < 1, "defense.tau", "must be in [0, 1)", df.tau)
+    _check(1 <= df.window_rounds <= t.rounds, "defense.window_rounds", f"must be in [1, training.rounds={t.rounds}]", df.window_rounds)
+    _check(df.window_reduce in WINDOW_REDUCES, "defense.window_reduce", f"must be one of {', '.join(WINDOW_REDUCES)}", df.window_reduce)
+    _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
+    _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
+    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
+    _check(t.lr > 0, "training.lr", "must be > 0", t.lr)
+    _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
+           "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty", cfg.tracking.experiment)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """``"attack.boost=2"`` -> ``(["attack", "boost"], "2")``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. attack.malicious_fraction=0.2")
+    return key.strip().split("."), value.strip()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides; validated."""
+    values: dict[str, Any] = Config().to_dict()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        _merge(values, loaded or {}, "")
+    for text in overrides:
+        keys, raw = parse_override(text)
+        node = values
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"{'.'.join(keys[:i + 1])}: unknown section")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ConfigError(f"{'.'.join(keys)}: unknown key")
+        node[keys[-1]] = raw
+    return validate(_build(Config, values, ""))
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            base[key] = value

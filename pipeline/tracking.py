@@ -1,0 +1,72 @@
+"""MLflow tracking: one run per arm, per-round metrics with ``step=round``."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config import Config
+from pipeline.loop import Callback, CollaborativeLoop
+
+log = logging.getLogger("auror")
+
+
+def setup_mlflow(cfg: Config) -> str:
+    """Point MLflow at the configured store; create the experiment (with its
+    artifacts under ``tracking.artifact_dir``) when missing. Returns its id."""
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = Path(cfg.tracking.artifact_dir).resolve()
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_tags(cfg: Config, arm: str) -> dict[str, str]:
+    """Tags that let ``mlflow ui`` filter and compare arms."""
+    return {
+        "arm": arm,
+        "dataset": cfg.data.name,
+        "malicious_fraction": str(cfg.users.malicious_fraction),
+        "defense": "auror" if arm == "auror" else "none",
+        "seed": str(cfg.seed),
+        "git_commit": git_commit(),
+    }
+
+
+def run_name(cfg: Config, arm: str) -> str:
+    return f"{cfg.data.name}-{arm}-f{cfg.users.malicious_fraction:g}-seed{cfg.seed}"
+
+
+class MlflowRoundLogger(Callback):
+    """Logs every round's metrics to the active MLflow run."""
+
+    def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=round_)
+
+
+class ProgressLogger(Callback):
+    """One line every ``every`` rounds (and at the last one)."""
+
+    def __init__(self, arm: str, every: int = 10) -> None:
+        self.arm, self.every = arm, every
+
+    def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
+        if round_ % self.every == 0 or round_ == loop.rounds:
+            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %.3f", self.arm, round_, loop.rounds,
+                     metrics["accuracy"], metrics["attack_success_rate"])
