@@ -26,11 +26,15 @@ def format_table(results: dict[str, dict[str, float | None]]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
     cfg = load_config(params, args.set)
+    if args.seeds and min(args.seeds) < 0:
+        raise ConfigError(f"--seeds: must be >= 0, got {min(args.seeds)}")
     from pipeline.experiment import run_experiment  # heavy imports after validation
 
     start = time.perf_counter()
-    results = run_experiment(cfg)
+    results = run_experiment(cfg, args.seeds)
     print()
+    if args.seeds and len(args.seeds) > 1:
+        print(f"mean over seeds {', '.join(map(str, args.seeds))}:")
     print(format_table(results))
     print(f"\n{time.perf_counter() - start:.1f} s. Final metrics: {Path(cfg.tracking.reports_dir) / 'latest.json'}, "
           f"plot: {Path(cfg.tracking.reports_dir) / 'latest.png'}")
@@ -45,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--params", help=f"YAML params file (default: ./{DEFAULT_PARAMS} when present, else built-in defaults)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one key, e.g. --set attack.malicious_fraction=0.2 (repeatable)")
+    run.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="run every arm for each seed and report the mean (default: the config's seed)")
     run.set_defaults(func=cmd_run)
     return parser
 

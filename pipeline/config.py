@@ -39,10 +39,10 @@ class AttackConfig:
     target_class: int = 7
     # fraction of each malicious user's source-class samples relabelled
     poisoned_fraction: float = 1.0
-    malicious_epochs: int = 5
+    malicious_epochs: int = 3
     malicious_lr_multiplier: float = 1.0
     # malicious updates are multiplied by this before upload
-    boost: float = 1.0
+    boost: float = 3.0
 
 
 @dataclass
@@ -177,6 +177,12 @@ def validate(cfg: Config) -> Config:
     _check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
     _check(a.malicious_lr_multiplier > 0, "attack.malicious_lr_multiplier", "must be > 0", a.malicious_lr_multiplier)
     _check(a.boost > 0, "attack.boost", "must be > 0", a.boost)
+    _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
+    _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
+    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
+    _check(t.lr > 0, "training.lr", "must be > 0", t.lr)
+    _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
+           "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
     _check(df.alpha_mode in ALPHA_MODES, "defense.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}", df.alpha_mode)
     if df.alpha_mode == "quantile":
         _check(0 <= df.alpha < 1, "defense.alpha", "must be in [0, 1) with alpha_mode=quantile", df.alpha)
@@ -185,12 +191,6 @@ def validate(cfg: Config) -> Config:
     _check(0 <= df.tau < 1, "defense.tau", "must be in [0, 1)", df.tau)
     _check(1 <= df.window_rounds <= t.rounds, "defense.window_rounds", f"must be in [1, training.rounds={t.rounds}]", df.window_rounds)
     _check(df.window_reduce in WINDOW_REDUCES, "defense.window_reduce", f"must be one of {', '.join(WINDOW_REDUCES)}", df.window_reduce)
-    _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
-    _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
-    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
-    _check(t.lr > 0, "training.lr", "must be > 0", t.lr)
-    _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
-           "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty", cfg.tracking.experiment)
     return cfg
 

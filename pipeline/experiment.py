@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_name, run_t
 log = logging.getLogger("auror")
 
 ARMS = ("benign", "attack", "auror")
+ROUND_METRICS = ("accuracy", "attack_success_rate")
 METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
 
 DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
@@ -94,37 +96,56 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = ()) -> ArmResult:
     return ArmResult(arm, metrics, loop.history, detection, module)
 
 
-def run_experiment(cfg: Config, track: bool = True) -> dict[str, dict[str, float | None]]:
-    """Run the three arms, log each as an MLflow run (when ``track``), and
-    write the final metrics to ``<reports_dir>/latest.json``. Returns them as
-    ``{arm: {metric: value}}``."""
-    if track:
-        experiment_id = setup_mlflow(cfg)
+def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = True) -> dict[str, dict[str, float | None]]:
+    """Run the three arms for each seed (default: ``cfg.seed``), log every arm
+    of every seed as an MLflow run (when ``track``), and write the final
+    metrics, averaged over the seeds, to ``<reports_dir>/latest.json`` as
+    ``{arm: {metric: value}}``. Returns them."""
+    experiment_id = setup_mlflow(cfg) if track else None
+    per_seed = []
+    for seed in seeds if seeds is not None else [cfg.seed]:
+        results = _run_seed(dataclasses.replace(cfg, seed=seed), experiment_id)
+        per_seed.append({arm: {m: r.metrics[m] for m in METRICS} for arm, r in results.items()})
+    final = average(per_seed)
+    reports = Path(cfg.tracking.reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "latest.json").write_text(json.dumps(final, indent=2) + "\n")
+    return final
+
+
+def average(per_seed: list[dict[str, dict[str, float | None]]]) -> dict[str, dict[str, float | None]]:
+    """Mean of each arm's metrics over seeds (``None`` stays ``None``)."""
+    return {
+        arm: {m: None if per_seed[0][arm][m] is None else sum(r[arm][m] for r in per_seed) / len(per_seed)
+              for m in METRICS}
+        for arm in per_seed[0]
+    }
+
+
+def _run_seed(cfg: Config, experiment_id: str | None) -> dict[str, ArmResult]:
     reports = Path(cfg.tracking.reports_dir)
     results: dict[str, ArmResult] = {}
     for arm in ARMS:
-        log.info("arm %s", arm)
+        log.info("seed %d, arm %s", cfg.seed, arm)
         callbacks: list[Callback] = [ProgressLogger(arm)]
-        if not track:
+        if experiment_id is None:
             results[arm] = _finish(run_arm(cfg, arm, callbacks), results)
             continue
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(cfg, arm), tags=run_tags(cfg, arm)):
             mlflow.log_params(cfg.flat())
             result = _finish(run_arm(cfg, arm, [*callbacks, MlflowRoundLogger()]), results)
-            mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None})
+            # accuracy and attack success are already logged per round; the last round is the final model
+            mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None and k not in ROUND_METRICS})
             mlflow.log_dict(result.detection, "detection.json")
             mlflow.log_dict(cfg.to_dict(), "config.json")
             mlflow.log_artifact(str(plot_rounds(
                 {arm: result.history}, reports / "plots" / f"{arm}.png", title=run_name(cfg, arm),
                 detection_rounds={arm: result.detection.get("detection_round")})))
         results[arm] = result
-    final = {arm: {m: r.metrics[m] for m in METRICS} for arm, r in results.items()}
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "latest.json").write_text(json.dumps(final, indent=2) + "\n")
     plot_rounds({a: r.history for a, r in results.items()}, reports / "latest.png",
                 title=f"{cfg.data.name}, {cfg.users.malicious_fraction:.0%} malicious users, seed {cfg.seed}",
                 detection_rounds={a: r.detection.get("detection_round") for a, r in results.items()})
-    return final
+    return results
 
 
 def _finish(result: ArmResult, done: dict[str, ArmResult]) -> ArmResult:

@@ -97,7 +97,7 @@ class CollaborativeLoop:
             rejected = set().union(*(cb.reject(uploads) for cb in self.callbacks))
             accepted = ~torch.isin(user_ids, torch.tensor(sorted(rejected), dtype=torch.long))
             global_params = global_params + aggregate_mean(uploads.updates, accepted)
-            vector_to_parameters(global_params, self.module.parameters())
+            vector_to_parameters(global_params.clone(), self.module.parameters())  # it would alias
             metrics = {**self.evaluate(), "excluded_users": float((~accepted).sum())}
             self.history.append({"round": round_, **metrics})
             for cb in self.callbacks:

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_yaml_equals_the_defaults():
+    assert load_config(ROOT / "params.yaml") == Config()
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == Config().to_dict()
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["users.malicious_fraction=0.2", "training.hidden_sizes=[8,4]", "seed=3"])
+    assert cfg.users.malicious_fraction == 0.2 and cfg.training.hidden_sizes == [8, 4] and cfg.seed == 3
+
+
+BAD = [
+    ("users.malicious_fraction=1.5", "users.malicious_fraction"),
+    ("users.malicious_fraction=-0.1", "users.malicious_fraction"),
+    ("attack.poisoned_fraction=2", "attack.poisoned_fraction"),
+    ("data.name=cifar", "data.name"),
+    ("attack.source_class=12", "attack.source_class"),
+    ("attack.target_class=1", "attack.target_class"),
+    ("defense.tau=1", "defense.tau"),
+    ("defense.window_rounds=99", "defense.window_rounds"),
+    ("defense.alpha_mode=median", "defense.alpha_mode"),
+    ("training.rounds=0", "training.rounds"),
+    ("training.lr=abc", "training.lr"),
+    ("training.hidden_sizes=[]", "training.hidden_sizes"),
+    ("users.num_users=2.5", "users.num_users"),
+    ("users.colour=red", "users.colour"),
+    ("nosuch.key=1", "nosuch"),
+    ("seed", "--set"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(key) or key in message.split(":")[0]
+    assert "\n" not in message
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("attack:\n  boots: 2\n")
+    with pytest.raises(ConfigError, match="attack.boots: unknown key"):
+        load_config(path)
+    path.write_text("attack: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", BAD[:4])
+def test_cli_rejects_bad_config_with_exit_2_and_no_run(override, key, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"auror: error: {key}") and err.count("\n") == 1
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
