@@ -70,3 +70,68 @@ def test_constant_feature_has_equal_centres_and_chunking_does_not_matter():
 def test_rejects_non_matrix():
     with pytest.raises(ValueError, match="2-D"):
         two_means_1d(torch.zeros(5))
+
+
+def best_split_sse(x: np.ndarray) -> float:
+    """Brute force: the lowest within-cluster SSE over every split of the sorted values."""
+    s = np.sort(x)
+    return min(sse(s, np.arange(len(s)) >= k) for k in range(1, len(s)))
+
+
+def test_ties_and_missing_values_match_brute_force_and_centres():
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 4, size=(600, 9)).astype(np.float64)  # many ties, constant rows too
+    values[:20] = 1.5
+    values[rng.random(values.shape) < 0.2] = np.nan
+    result = two_means_1d(torch.tensor(values, dtype=torch.float32), chunk_size=64)
+    for f, row in enumerate(values):
+        present = ~np.isnan(row)
+        upper = result.upper[f].numpy()
+        assert not upper[~present].any()
+        if present.sum() < 2:
+            assert np.isnan(result.low[f]) and np.isnan(result.high[f])
+            continue
+        x, up = row[present], upper[present]
+        assert 0 < up.sum() < len(x), "both clusters hold a value"
+        assert sse(x, up) <= best_split_sse(x) + 1e-9
+        assert result.low[f] == pytest.approx(x[~up].mean(), abs=1e-6)
+        assert result.high[f] == pytest.approx(x[up].mean(), abs=1e-6)
+
+
+def test_chunks_threads_layout_and_dtype_do_not_change_the_result():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(3000, 11)).astype(np.float32)
+    values[:300] = np.round(values[:300])  # ties
+    values[rng.random(values.shape) < 0.1] = np.nan
+    reference = two_means_1d(torch.tensor(values))
+    variants = [
+        two_means_1d(torch.tensor(values), chunk_size=7, num_threads=1),
+        two_means_1d(torch.tensor(values), chunk_size=500, num_threads=3),
+        two_means_1d(torch.tensor(values.T.copy()).T),  # a transposed view, as Auror passes it
+        two_means_1d(torch.tensor(values, dtype=torch.float64)),  # sorts in float64: same values, same result
+    ]
+    for result in variants:
+        assert torch.equal(result.upper, reference.upper)
+        assert torch.equal(result.low, reference.low) and torch.equal(result.high, reference.high)
+
+
+def test_torch_path_for_other_devices_matches_the_numpy_path():
+    # the CUDA path runs the same steps in torch; run them on CPU here
+    from pipeline.clustering import _chunk_torch
+
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(2000, 13)).astype(np.float32)
+    values[:200] = np.round(values[:200])
+    values[:50] = 0.25
+    values[rng.random(values.shape) < 0.15] = np.nan
+    expected = two_means_1d(torch.tensor(values))
+    upper, low, high = _chunk_torch(torch.tensor(values))
+    assert torch.equal(upper, expected.upper)
+    torch.testing.assert_close(low.float(), expected.low, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(high.float(), expected.high, equal_nan=True, rtol=0, atol=0)
+
+
+def test_single_user_or_no_feature():
+    one = two_means_1d(torch.randn(5, 1))
+    assert not one.upper.any() and torch.isnan(one.low).all() and torch.isnan(one.high).all()
+    assert two_means_1d(torch.zeros(0, 4)).upper.shape == (0, 4)

@@ -59,3 +59,73 @@ def test_the_module_also_fits_with_a_plain_lightning_trainer():
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, data.user_dataloader(0, batch_size=16))
     assert not torch.allclose(parameters_to_vector(module.parameters()), before)
+
+
+def train_each_alone(module, global_params, x, y, schedule, multipliers):
+    """Reference: every user trained by itself with the module's optimiser, one plain loop per user."""
+    expected = []
+    for user in range(schedule.shape[1]):
+        alone = copy.deepcopy(module)
+        vector_to_parameters(global_params.clone(), alone.parameters())
+        optimizer = alone.make_optimizer(alone.parameters(), lr_multiplier=float(multipliers[user]))
+        for batch in schedule[:, user]:
+            batch = batch[batch >= 0]
+            if len(batch):
+                optimizer.zero_grad()
+                alone.loss(alone(x[batch]), y[batch]).backward()
+                optimizer.step()
+        expected.append(parameters_to_vector(alone.parameters()).detach())
+    return torch.stack(expected)
+
+
+class MomentumMLP(MLPClassifier):
+    """Not plain SGD: trained through autograd and the optimiser's own step."""
+
+    def make_optimizer(self, params, lr_multiplier: float = 1.0):
+        return torch.optim.SGD(params, lr=self.hparams.lr * lr_multiplier, momentum=0.9)
+
+
+class OtherNet(torch.nn.Module):
+    """Linear layers with and without bias, ReLU, GELU, Identity: the written-out backward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Identity(), torch.nn.Linear(64, 24, bias=False), torch.nn.ReLU(), torch.nn.Linear(24, 12),
+            torch.nn.GELU(), torch.nn.Linear(12, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+    loss = staticmethod(MLPClassifier.loss)
+
+    def make_optimizer(self, params, lr_multiplier: float = 1.0):
+        return torch.optim.SGD(params, lr=0.2 * lr_multiplier)
+
+
+def test_other_layers_and_other_optimisers_equal_training_each_user_alone():
+    data, _ = small_setup()
+    multipliers = torch.tensor([1.0, 2.5, 1.0, 0.5])
+    size = min(len(i) for i in data.user_indices)  # equal sizes: every user has a batch at every step
+    schedule = user_batches([i[:size] for i in data.user_indices], [2, 2, 2, 2], 16, seed=0, round_=2)
+    assert (schedule[:, :, 0] >= 0).all()
+    torch.manual_seed(1)
+    for module in (MomentumMLP(64, 10, hidden_sizes=[32, 16], lr=0.05), OtherNet()):
+        global_params = parameters_to_vector(module.parameters()).detach().clone()
+        together = train_users(module, global_params, data.train_x, data.train_y, schedule, multipliers)
+        expected = train_each_alone(module, global_params, data.train_x, data.train_y, schedule, multipliers)
+        torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(together, global_params.expand_as(together))
+
+
+def test_one_start_per_user():
+    data, module = small_setup()
+    multipliers = torch.ones(4)
+    schedule = user_batches(data.user_indices, [1, 1, 1, 1], 16, seed=0, round_=3)
+    base = parameters_to_vector(module.parameters()).detach()
+    starts = base + 0.05 * torch.randn(4, base.numel(), generator=torch.Generator().manual_seed(0))
+    together = train_users(module, starts, data.train_x, data.train_y, schedule, multipliers)
+    for user in range(4):
+        alone = train_users(module, starts[user], data.train_x, data.train_y, schedule, multipliers)
+        torch.testing.assert_close(together[user], alone[user], rtol=1e-5, atol=1e-6)

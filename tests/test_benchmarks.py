@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on a tiny size (no timing is asserted)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clustering_benchmark_runs_and_never_loses_to_sklearn(capsys):
+    (figures,) = load("bench_clustering").main(
+        ["--sizes", "500", "--users", "7", "--sample", "5", "--repeats", "1", "--no-memory"])
+    assert figures["worse"] == 0
+    assert "ratio sklearn loop / two_means_1d" in capsys.readouterr().out
+
+
+def test_round_benchmark_runs(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUROR_DATA_DIR", str(tmp_path))  # no data there: the random fallback
+    ratios = load("bench_round").main(
+        ["--users", "2", "--samples", "40", "--hidden", "8", "--repeats", "1", "--trainer-repeats", "1"])
+    assert set(ratios) == {"ours / bound", "trainer loop / ours", "plain loop / ours"}
+    assert all(r > 0 for r in ratios.values())
+    assert "NOTE: MNIST not found" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_clustering_memory_probe_runs():
+    figures = load("bench_clustering").measure_memory("two_means_1d", 30, 200_000, 0.5)
+    assert figures["ratio"] < 4
