@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.users import choose_malicious, iid_partition, poison_targeted
+from datamodules.users import choose_malicious, dirichlet_partition, iid_partition, poison_targeted
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -39,6 +39,9 @@ class FederatedDataModule(pl.LightningDataModule):
         poisoned_fraction: float,
         poison: bool,
         seed: int,
+        partition: str = "iid",
+        dirichlet_alpha: float = 0.5,
+        min_samples: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,7 +55,10 @@ class FederatedDataModule(pl.LightningDataModule):
         train_x, train_y, test_x, test_y = self.load_arrays()
         # one generator per purpose, so that changing one never shifts another
         split_rng, malicious_rng, poison_rng = (np.random.default_rng([h.seed, k]) for k in range(3))
-        indices = iid_partition(len(train_y), h.num_users, split_rng)
+        if h.partition == "dirichlet":
+            indices = dirichlet_partition(train_y, h.num_users, h.dirichlet_alpha, h.min_samples, split_rng)
+        else:
+            indices = iid_partition(len(train_y), h.num_users, split_rng)
         malicious = choose_malicious(h.num_users, h.malicious_fraction, malicious_rng)
         labels, poisoned = train_y, np.zeros(len(train_y), dtype=bool)
         if h.poison:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from datamodules.data_root import DatasetMissingError
 from pipeline.config import ConfigError, load_config
 
 DEFAULT_PARAMS = "params.yaml"
@@ -24,10 +25,7 @@ def format_table(results: dict[str, dict[str, float | None]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
-    cfg = load_config(params, args.set)
-    if args.seeds and min(args.seeds) < 0:
-        raise ConfigError(f"--seeds: must be >= 0, got {min(args.seeds)}")
+    cfg = load_config(args.params, args.set)
     from pipeline.experiment import run_experiment  # heavy imports after validation
 
     start = time.perf_counter()
@@ -42,25 +40,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import run_report
+
+    command = " ".join(["auror", "report", *args.argv])
+    md = run_report(args.params, args.set, args.seeds, command)
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_name(md.stem + '_sr.png')}")
+    return 0
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", help=f"YAML params file (default: ./{DEFAULT_PARAMS} when present, else built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set attack.malicious_fraction=0.2 (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="run every arm for each seed and report the mean (default: the config's seed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auror", description="AUROR: targeted poisoning and its defense in collaborative learning")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the benign, attack and auror arms with one seed and data split")
-    run.add_argument("--params", help=f"YAML params file (default: ./{DEFAULT_PARAMS} when present, else built-in defaults)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one key, e.g. --set attack.malicious_fraction=0.2 (repeatable)")
-    run.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                     help="run every arm for each seed and report the mean (default: the config's seed)")
+    add_config_arguments(run)
     run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="run the paper's settings for the configured dataset and write "
+                            "a Markdown table beside the paper's numbers (e.g. --params configs/mnist.yaml)")
+    add_config_arguments(report)
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
     try:
+        if args.seeds and min(args.seeds) < 0:
+            raise ConfigError(f"--seeds: must be >= 0, got {min(args.seeds)}")
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, DatasetMissingError) as err:
         print(f"auror: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "digits"
+    # digits only: the held-out share (MNIST and GTSRB come with their test sets)
     test_fraction: float = 0.25
+    # where MNIST / GTSRB live in torchvision's layout; AUROR_DATA_DIR overrides it
+    root: str = "data"
+    download: bool = True
 
 
 @dataclass
@@ -31,6 +35,9 @@ class UsersConfig:
     num_users: int = 10
     malicious_fraction: float = 0.3
     partition: str = "iid"
+    # partition=dirichlet: label shares per user ~ Dirichlet(dirichlet_alpha)
+    dirichlet_alpha: float = 0.5
+    min_samples: int = 10
 
 
 @dataclass
@@ -59,6 +66,17 @@ class DefenseConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """Shokri & Shmatikov's DSSGD; the defaults are plain federated averaging."""
+
+    theta_d: float = 1.0  # fraction of the global parameters each user downloads
+    theta_u: float = 1.0  # fraction of its update each user uploads
+    upload_selection: str = "largest"  # largest | random
+    gamma: float = float("inf")  # uploaded values are clipped to [-gamma, gamma]
+    epsilon: float = float("inf")  # privacy budget per round and user; inf: no noise
+
+
+@dataclass
 class TrainingConfig:
     rounds: int = 30
     local_epochs: int = 1
@@ -82,6 +100,7 @@ class Config:
     users: UsersConfig = field(default_factory=UsersConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -99,8 +118,9 @@ class Config:
         return out
 
 
-DATASETS = {"digits": 10}  # name -> number of classes
-PARTITIONS = ("iid",)
+DATASETS = {"digits": 10, "mnist": 10, "gtsrb": 43}  # name -> number of classes
+PARTITIONS = ("iid", "dirichlet")
+UPLOAD_SELECTIONS = ("largest", "random")
 ALPHA_MODES = ("absolute", "quantile")
 WINDOW_REDUCES = ("mean", "stack")
 
@@ -128,6 +148,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        try:  # YAML reads "1e-3" and "inf" as strings
+            return float(value)
+        except (TypeError, ValueError):
+            pass
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -168,6 +192,8 @@ def validate(cfg: Config) -> Config:
     _check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
            "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
     _check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
+    _check(u.dirichlet_alpha > 0, "users.dirichlet_alpha", "must be > 0", u.dirichlet_alpha)
+    _check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
     num_classes = DATASETS[d.name]
     for key in ("source_class", "target_class"):
         value = getattr(a, key)
@@ -191,6 +217,15 @@ def validate(cfg: Config) -> Config:
     _check(0 <= df.tau < 1, "defense.tau", "must be in [0, 1)", df.tau)
     _check(1 <= df.window_rounds <= t.rounds, "defense.window_rounds", f"must be in [1, training.rounds={t.rounds}]", df.window_rounds)
     _check(df.window_reduce in WINDOW_REDUCES, "defense.window_reduce", f"must be one of {', '.join(WINDOW_REDUCES)}", df.window_reduce)
+    p = cfg.protocol
+    for key in ("theta_d", "theta_u"):
+        _check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
+    _check(p.upload_selection in UPLOAD_SELECTIONS, "protocol.upload_selection",
+           f"must be one of {', '.join(UPLOAD_SELECTIONS)}", p.upload_selection)
+    _check(p.gamma > 0, "protocol.gamma", "must be > 0 (.inf: no clipping)", p.gamma)
+    _check(p.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", p.epsilon)
+    _check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
+           "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", p.gamma)
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty", cfg.tracking.experiment)
     return cfg
 

@@ -19,9 +19,12 @@ import torch
 
 from datamodules.digits import DigitsDataModule
 from datamodules.federated import FederatedDataModule
+from datamodules.gtsrb import GTSRBDataModule
+from datamodules.mnist import MNISTDataModule
+from lightning_modules.cnn import CNNClassifier
 from lightning_modules.mlp import MLPClassifier
 from pipeline.auror import Auror
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.defenses import AurorCallback
 from pipeline.loop import Callback, CollaborativeLoop, UserBehaviour
 from pipeline.metrics import detection_rates
@@ -36,6 +39,15 @@ METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate",
 
 DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
     "digits": lambda cfg, **kw: DigitsDataModule(test_fraction=cfg.data.test_fraction, **kw),
+    "mnist": lambda cfg, **kw: MNISTDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+    "gtsrb": lambda cfg, **kw: GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+}
+MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
+    "digits": lambda cfg, data: MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
+                                              cfg.training.lr),
+    "mnist": lambda cfg, data: MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
+                                             cfg.training.lr),
+    "gtsrb": lambda cfg, data: CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
 }
 
 
@@ -49,13 +61,22 @@ class ArmResult:
 
 
 def build_datamodule(cfg: Config, poison: bool) -> FederatedDataModule:
-    a = cfg.attack
+    """Prepare (download when allowed) and set up the users' data.
+
+    Raises ``DatasetMissingError`` when the data cannot be found, and
+    :class:`ConfigError` when the partition leaves a user too few samples.
+    """
+    a, u = cfg.attack, cfg.users
     data = DATAMODULES[cfg.data.name](
-        cfg, num_users=cfg.users.num_users, malicious_fraction=cfg.users.malicious_fraction,
-        source_class=a.source_class, target_class=a.target_class, poisoned_fraction=a.poisoned_fraction,
-        poison=poison, seed=cfg.seed,
+        cfg, num_users=u.num_users, malicious_fraction=u.malicious_fraction, source_class=a.source_class,
+        target_class=a.target_class, poisoned_fraction=a.poisoned_fraction, poison=poison, seed=cfg.seed,
+        partition=u.partition, dirichlet_alpha=u.dirichlet_alpha, min_samples=u.min_samples,
     )
-    data.setup()
+    data.prepare_data()
+    try:
+        data.setup()
+    except ValueError as err:  # the partition's one-line reason
+        raise ConfigError(f"users.partition: {err}") from None
     return data
 
 
@@ -74,14 +95,14 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = ()) -> ArmResult:
     attacking = arm != "benign"
     data = build_datamodule(cfg, poison=attacking)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm
-    module = MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes, cfg.training.lr)
+    module = MODELS[cfg.data.name](cfg, data)
     defense = None
     if arm == "auror":
         d = cfg.defense
         defense = AurorCallback(Auror(d.alpha, d.tau, d.alpha_mode), d.window_rounds, d.window_reduce)
     loop = CollaborativeLoop(
         module, data, user_behaviour(cfg, data.malicious, attacking), cfg.training.rounds,
-        cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class,
+        cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class, cfg.protocol,
         callbacks=[*callbacks, *([defense] if defense else [])],
     )
     metrics: dict[str, float | None] = dict(loop.run())
@@ -101,6 +122,8 @@ def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = Tr
     of every seed as an MLflow run (when ``track``), and write the final
     metrics, averaged over the seeds, to ``<reports_dir>/latest.json`` as
     ``{arm: {metric: value}}``. Returns them."""
+    for seed in seeds if seeds is not None else [cfg.seed]:  # data errors surface before any run exists
+        build_datamodule(dataclasses.replace(cfg, seed=seed), poison=True)
     experiment_id = setup_mlflow(cfg) if track else None
     per_seed = []
     for seed in seeds if seeds is not None else [cfg.seed]:

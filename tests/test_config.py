@@ -14,6 +14,12 @@ def test_shipped_params_yaml_equals_the_defaults():
     assert yaml.safe_load((ROOT / "params.yaml").read_text()) == Config().to_dict()
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.users.num_users == 30 and cfg.data.name == path.stem
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["users.malicious_fraction=0.2", "training.hidden_sizes=[8,4]", "seed=3"])
     assert cfg.users.malicious_fraction == 0.2 and cfg.training.hidden_sizes == [8, 4] and cfg.seed == 3
@@ -36,6 +42,14 @@ BAD = [
     ("users.colour=red", "users.colour"),
     ("nosuch.key=1", "nosuch"),
     ("seed", "--set"),
+    ("users.partition=pathological", "users.partition"),
+    ("users.dirichlet_alpha=0", "users.dirichlet_alpha"),
+    ("protocol.theta_u=0", "protocol.theta_u"),
+    ("protocol.theta_d=1.5", "protocol.theta_d"),
+    ("protocol.upload_selection=smallest", "protocol.upload_selection"),
+    ("protocol.epsilon=1", "protocol.gamma"),
+    ("protocol.gamma=-1", "protocol.gamma"),
+    ("defense.alpha=nan", "defense.alpha"),
 ]
 
 
@@ -65,3 +79,25 @@ def test_cli_rejects_bad_config_with_exit_2_and_no_run(override, key, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith(f"auror: error: {key}") and err.count("\n") == 1
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+
+
+def test_missing_dataset_is_one_line_exit_2_and_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert main(["run", "--set", "data.name=mnist", "--set", f"data.root={empty}", "--set", "data.download=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("auror: error: MNIST not found under") and str(empty) in err and err.count("\n") == 1
+    assert "AUROR_DATA_DIR" in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_partition_leaving_a_user_too_few_samples_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--set", "users.partition=dirichlet", "--set", "users.dirichlet_alpha=0.01",
+            "--set", "users.min_samples=100"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("auror: error: users.partition:") and "min_samples=100" in err and err.count("\n") == 1
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,37 @@
+import json
+
+from pipeline.config import load_config
+from pipeline.report import PAPER, Setting, markdown_table, paper_settings, run_report
+from tests.conftest import TINY
+
+
+def test_paper_settings_cover_the_tables():
+    mnist = paper_settings(load_config(None, ["data.name=mnist"]))
+    gtsrb = paper_settings(load_config(None, ["data.name=gtsrb"]))
+    assert [s.malicious_fraction for s in mnist[:3]] == [0.1, 0.2, 0.3]
+    assert mnist[1].paper == PAPER[("mnist", "users", 0.2)] and mnist[0].paper is None
+    assert any("protocol.theta_u=0.1" in s.overrides for s in mnist)
+    assert any("users.partition=dirichlet" in s.overrides for s in mnist)
+    poisoned = [o for s in gtsrb for o in s.overrides if o.startswith("attack.poisoned_fraction")]
+    assert poisoned == [f"attack.poisoned_fraction={p}" for p in (0.5, 0.7, 0.9, 1.0)]
+
+
+def test_markdown_table_puts_the_paper_beside_ours():
+    arms = {"benign": {"accuracy": 0.9}, "attack": {"attack_success_rate": 0.7, "accuracy_drop": 0.05},
+            "auror": {"detection_rate": 1.0, "false_positive_rate": None, "attack_success_rate": 0.01,
+                      "accuracy_drop": 0.0}}
+    table = markdown_table([(Setting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)])
+    header, _, row = table.splitlines()
+    assert header.count("|") == row.count("|")
+    assert row == "| 30% | 0.900 | 0.700 | 0.050 | 1.000 | - | 0.010 | 0.000 | 1.000 | 0.690 | 0.050 |"
+
+
+def test_report_on_a_tiny_config_writes_table_plot_and_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    md = run_report(None, [*TINY, "users.num_users=10"], None, "auror report (test)")
+    text = md.read_text()
+    assert md.resolve() == tmp_path / "reports" / "digits.md"
+    assert "auror report (test)" in text and text.count("malicious users |") == 3
+    assert (tmp_path / "reports" / "digits_sr.png").stat().st_size > 1000
+    assert set(json.loads((tmp_path / "reports" / "digits.json").read_text())) == {
+        "10% malicious users", "20% malicious users", "30% malicious users"}
