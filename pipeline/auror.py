@@ -27,6 +27,8 @@ class Auror:
     alpha_mode : {"absolute", "quantile"}
         ``"absolute"``: the threshold is ``alpha`` itself. ``"quantile"``: the
         threshold is the ``alpha``-quantile of the observed centre distances.
+    chunk_size : int
+        Features scored at a time; bounds the memory beyond the clustering's.
 
     Attributes
     ----------
@@ -44,10 +46,12 @@ class Auror:
     [0]
     """
 
-    def __init__(self, alpha: float = 0.02, tau: float = 0.5, alpha_mode: str = "absolute") -> None:
+    def __init__(self, alpha: float = 0.02, tau: float = 0.5, alpha_mode: str = "absolute",
+                 chunk_size: int = 4096) -> None:
         self.alpha = alpha
         self.tau = tau
         self.alpha_mode = alpha_mode
+        self.chunk_size = chunk_size
 
     def fit(self, updates) -> "Auror":
         """Cluster every feature of ``updates`` (``users x features``, NaN where
@@ -59,7 +63,9 @@ class Auror:
         values = torch.as_tensor(updates, dtype=torch.float32)
         if values.dim() != 2 or values.shape[0] < 2:
             raise ValueError(f"updates must be (users >= 2, features), got shape {tuple(values.shape)}")
-        if torch.isinf(values).any():
+        # in chunks of features: a whole-matrix mask would cost a quarter of the matrix again
+        chunks = range(0, values.shape[1], self.chunk_size)
+        if any(torch.isinf(values[:, i : i + self.chunk_size]).any() for i in chunks):
             raise ValueError("updates contain Inf; mark missing or faulty values as NaN")
         clusters = two_means_1d(values.T)
         distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0)
@@ -69,14 +75,20 @@ class Auror:
             self.threshold_ = float(np.quantile(distance.numpy(), self.alpha))
         indicative = distance > self.threshold_
 
-        upper = clusters.upper[indicative]
-        present = ~torch.isnan(values.T[indicative])
-        n_upper = upper.sum(1, keepdim=True)
-        n_lower = present.sum(1, keepdim=True) - n_upper
-        # the smaller cluster is suspicious; on a tie neither is
-        minority = torch.where(n_upper < n_lower, upper, (n_lower < n_upper) & present & ~upper)
+        in_minority = torch.zeros(values.shape[0], dtype=torch.int64)
+        uploaded = torch.zeros(values.shape[0], dtype=torch.int64)
+        for i in chunks:
+            rows = indicative[i : i + self.chunk_size]
+            upper = clusters.upper[i : i + self.chunk_size][rows]
+            present = ~torch.isnan(values[:, i : i + self.chunk_size].T[rows])
+            n_upper = upper.sum(1, keepdim=True)
+            n_lower = present.sum(1, keepdim=True) - n_upper
+            # the smaller cluster is suspicious; on a tie neither is
+            minority = torch.where(n_upper < n_lower, upper, (n_lower < n_upper) & present & ~upper)
+            in_minority += minority.sum(0)
+            uploaded += present.sum(0)
         self.centre_distance_ = distance.numpy()
         self.indicative_ = indicative.numpy()
-        self.scores_ = (minority.sum(0) / present.sum(0).clamp(min=1)).numpy().astype(np.float64)
+        self.scores_ = (in_minority / uploaded.clamp(min=1)).numpy().astype(np.float64)
         self.flagged_ = self.scores_ > self.tau
         return self

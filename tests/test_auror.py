@@ -59,3 +59,12 @@ def test_tie_between_clusters_makes_nobody_suspicious():
 def test_bad_input_is_rejected_at_fit(kwargs, updates, message):
     with pytest.raises(ValueError, match=message):
         Auror(**kwargs).fit(updates)
+
+
+def test_scores_do_not_depend_on_the_chunk_size():
+    updates = synthetic_updates(num_features=3000)
+    updates[4, ::3] = np.nan
+    whole = Auror(alpha=0.1, tau=0.5, chunk_size=10_000).fit(updates)
+    chunked = Auror(alpha=0.1, tau=0.5, chunk_size=7).fit(updates)
+    np.testing.assert_array_equal(chunked.scores_, whole.scores_)
+    np.testing.assert_array_equal(chunked.flagged_, whole.flagged_)
