@@ -63,9 +63,11 @@ class Auror:
         values = torch.as_tensor(updates, dtype=torch.float32)
         if values.dim() != 2 or values.shape[0] < 2:
             raise ValueError(f"updates must be (users >= 2, features), got shape {tuple(values.shape)}")
-        # in chunks of features: a whole-matrix mask would cost a quarter of the matrix again
-        chunks = range(0, values.shape[1], self.chunk_size)
-        if any(torch.isinf(values[:, i : i + self.chunk_size]).any() for i in chunks):
+        # numpy, in chunks of features: a whole-matrix mask would cost a quarter of
+        # the matrix again, and per-chunk torch ops pay a thread barrier each
+        matrix = values.cpu().numpy()
+        chunks = range(0, matrix.shape[1], self.chunk_size)
+        if any(np.isinf(matrix[:, i : i + self.chunk_size]).any() for i in chunks):
             raise ValueError("updates contain Inf; mark missing or faulty values as NaN")
         clusters = two_means_1d(values.T)
         distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0)
@@ -75,20 +77,23 @@ class Auror:
             self.threshold_ = float(np.quantile(distance.numpy(), self.alpha))
         indicative = distance > self.threshold_
 
-        in_minority = torch.zeros(values.shape[0], dtype=torch.int64)
-        uploaded = torch.zeros(values.shape[0], dtype=torch.int64)
+        in_minority = np.zeros(matrix.shape[0], dtype=np.int64)
+        uploaded = np.zeros(matrix.shape[0], dtype=np.int64)
+        upper_all, indicative_all = clusters.upper.cpu().numpy(), indicative.cpu().numpy()
         for i in chunks:
-            rows = indicative[i : i + self.chunk_size]
-            upper = clusters.upper[i : i + self.chunk_size][rows]
-            present = ~torch.isnan(values[:, i : i + self.chunk_size].T[rows])
-            n_upper = upper.sum(1, keepdim=True)
-            n_lower = present.sum(1, keepdim=True) - n_upper
+            rows = indicative_all[i : i + self.chunk_size]
+            if not rows.any():
+                continue
+            upper = upper_all[i : i + self.chunk_size][rows]  # (indicative features, users)
+            present = ~np.isnan(matrix[:, i : i + self.chunk_size][:, rows].T)
+            n_upper = upper.sum(1, keepdims=True)
+            n_lower = present.sum(1, keepdims=True) - n_upper
             # the smaller cluster is suspicious; on a tie neither is
-            minority = torch.where(n_upper < n_lower, upper, (n_lower < n_upper) & present & ~upper)
+            minority = np.where(n_upper < n_lower, upper, (n_lower < n_upper) & present & ~upper)
             in_minority += minority.sum(0)
             uploaded += present.sum(0)
         self.centre_distance_ = distance.numpy()
         self.indicative_ = indicative.numpy()
-        self.scores_ = (in_minority / uploaded.clamp(min=1)).numpy().astype(np.float64)
+        self.scores_ = in_minority / np.maximum(uploaded, 1)
         self.flagged_ = self.scores_ > self.tau
         return self
