@@ -82,13 +82,11 @@ def laplace_scale(gamma: float, epsilon: float, num_uploaded: int) -> float:
 
         b = Δ / (ε / c) = 2γ · c / ε.
 
-    This is the release noise of Shokri & Shmatikov (their σ(x) = 2cγ/x). Their
-    full DP variant also spends part of ε on *choosing* which values to upload
-    (a sparse-vector-style noisy threshold test on |Δw|; as we recall the paper,
-    ε1 = 8/9 ε for the selection and ε2 = 1/9 ε for the released values, not
-    re-checked against the paper here). We do not implement the noisy selection:
-    selection is :func:`upload_mask` (exact top-|value| or random), and the whole
-    ε goes to the released values. ``epsilon = inf`` means no noise: scale 0.
+    This is the noise Shokri & Shmatikov add to the released values. Their full
+    differentially private variant also spends part of ε on *choosing* which
+    values to upload (a noisy threshold test); here the selection is
+    :func:`upload_mask` (exact top-|value| or random), so the whole ε goes to
+    the released values. ``epsilon = inf`` means no noise: scale 0.
     """
     if epsilon <= 0 or num_uploaded < 1:
         raise ValueError(f"need epsilon > 0 and num_uploaded >= 1, got {epsilon}, {num_uploaded}")

@@ -35,3 +35,14 @@ def test_round_benchmark_runs(capsys, monkeypatch, tmp_path):
 def test_clustering_memory_probe_runs():
     figures = load("bench_clustering").measure_memory("two_means_1d", 30, 200_000, 0.5)
     assert figures["ratio"] < 4
+
+
+def test_end_to_end_benchmark_times_every_arm(capsys):
+    from tests.conftest import TINY
+
+    params = str(BENCHMARKS.parent / "params.yaml")  # the embedded digits: no data needed
+    figures = load("bench_end_to_end").main(["--params", params, *(a for o in TINY for a in ("--set", o))])
+    assert set(figures) == {"wall s", "peak MiB", "benign arm s", "attack arm s", "auror arm s"}
+    assert figures["wall s"] > sum(figures[f"{arm} arm s"] for arm in ("benign", "attack", "auror")) > 0
+    assert figures["peak MiB"] > 50
+    assert "x the 120 s target" in capsys.readouterr().out
