@@ -65,3 +65,20 @@ class DatasetMissingError(RuntimeError):
             f"{dataset} not found under {folder} {reason}: set data.root or {DATA_DIR_ENV} to a folder "
             "holding it in torchvision's layout (see README), or run once with data.download=true and internet access"
         )
+
+
+class DatasetCorruptError(DatasetMissingError):
+    """The dataset's files are there but cannot be read (truncated, damaged); one line that says how to fix it.
+
+    A :class:`DatasetMissingError`, so that every place reporting a missing dataset reports this one too.
+    """
+
+    def __init__(self, dataset: str, folder: str | os.PathLike, error: BaseException) -> None:
+        self.dataset, self.folder = dataset, Path(folder)
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        RuntimeError.__init__(
+            self,
+            f"{dataset} under {folder} is unreadable ({detail}): a file is truncated or damaged; replace it "
+            f"with a good copy (or delete it and run with data.download=true), or point data.root or "
+            f"{DATA_DIR_ENV} at another copy",
+        )

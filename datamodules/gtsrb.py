@@ -31,7 +31,9 @@ import torch
 from PIL import Image
 from torchvision.datasets import GTSRB
 
-from datamodules.data_root import DatasetMissingError, missing_reason, resolve_cache_dir, resolve_data_root
+from datamodules.data_root import (
+    DatasetCorruptError, DatasetMissingError, missing_reason, resolve_cache_dir, resolve_data_root,
+)
 from datamodules.federated import FederatedDataModule
 
 IMAGE_SIZE = 32
@@ -68,7 +70,10 @@ def decode_images(paths: Sequence[str | os.PathLike], size: int = IMAGE_SIZE) ->
     """
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
-        out[i] = _decode_one(str(path), size).transpose(2, 0, 1)
+        try:
+            out[i] = _decode_one(str(path), size).transpose(2, 0, 1)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated or damaged image
+            raise DatasetCorruptError("GTSRB", path, err) from err
     return out
 
 
@@ -94,8 +99,11 @@ def load_or_decode(samples: Sequence[tuple[str, int]], cache_file: Path) -> tupl
     """``(images, labels)``: uint8 ``(N, 3, 32, 32)`` and int64 ``(N,)``, from ``cache_file`` when it
     exists, else decoded from ``samples`` and written there atomically."""
     if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=True)
-        return cached["images"], cached["labels"]
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return cached["images"], cached["labels"]
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, whatever the damage
+            print(f"GTSRB: cache {cache_file} is unreadable ({type(err).__name__}); decoding again", flush=True)
     print(f"GTSRB: decoding {len(samples)} images once into {cache_file} ...", end=" ", flush=True)
     start = time.perf_counter()
     images = torch.from_numpy(decode_images([path for path, _ in samples]))

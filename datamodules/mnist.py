@@ -11,7 +11,7 @@ import os
 import torch
 from torchvision.datasets import MNIST
 
-from datamodules.data_root import DatasetMissingError, missing_reason, resolve_data_root
+from datamodules.data_root import DatasetCorruptError, DatasetMissingError, missing_reason, resolve_data_root
 from datamodules.federated import FederatedDataModule
 
 
@@ -40,10 +40,16 @@ class MNISTDataModule(FederatedDataModule):
     def raw_folder(self):
         return resolve_data_root(self.root) / "MNIST" / "raw"
 
+    def _files_present(self) -> bool:
+        return all((self.raw_folder / f"{name}-ubyte").is_file()
+                   for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"))
+
     def _open(self, train: bool, download: bool) -> MNIST:
         try:
             return MNIST(resolve_data_root(self.root), train=train, download=download)
-        except (RuntimeError, OSError) as e:  # not found, download failed (URLError is an OSError), bad files
+        except (RuntimeError, OSError, ValueError, AssertionError) as e:  # not found, no network, bad files
+            if self._files_present():  # all there, yet unreadable: say so rather than "not found"
+                raise DatasetCorruptError("MNIST", self.raw_folder, e) from e
             raise DatasetMissingError("MNIST", self.raw_folder, missing_reason(download, self.download)) from e
 
     def prepare_data(self) -> None:

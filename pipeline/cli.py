@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
-from pipeline.config import ConfigError, load_config
+from pipeline.config import MAX_SEED, ConfigError, load_config
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -25,11 +25,24 @@ def format_table(results: dict[str, dict[str, float | None]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.params, args.set)
-    from pipeline.experiment import run_experiment  # heavy imports after validation
+    invocation = None
+    if args.resume is not None:
+        given = [name for name, value in (("--set", args.set), ("--seeds", args.seeds), ("--arms", args.arms)) if value]
+        if given:
+            raise ConfigError(f"--resume: runs the interrupted run's own config, seeds and arms; drop {given[0]}")
+        from pipeline.resume import open_invocation  # --params (or ./params.yaml) only says where to look
 
+        invocation = open_invocation(args.resume, load_config(args.params))
+        cfg, args.seeds, args.arms = invocation.cfg, invocation.seeds, invocation.arms
+    else:
+        cfg = load_config(args.params, args.set)
+    from pipeline.experiment import ARMS, run_experiment  # heavy imports after validation
+
+    unknown = [a for a in args.arms or [] if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms: must be among {', '.join(ARMS)}, got {unknown[0]!r}")
     start = time.perf_counter()
-    results = run_experiment(cfg, args.seeds)
+    results = run_experiment(cfg, args.seeds, arms=args.arms or ARMS, resume=invocation)
     print()
     if args.seeds and len(args.seeds) > 1:
         print(f"mean over seeds {', '.join(map(str, args.seeds))}:")
@@ -40,11 +53,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = load_config(args.params, args.set)
+    from pipeline.experiment import prepare_dataset
+
+    path = prepare_dataset(cfg)
+    print(f"{cfg.data.name} ready: {path.read_text().strip()}\nWritten: {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import StudySpec, run_study
+
+    if args.seeds and len(args.seeds) > 1:
+        raise ConfigError("--seeds: auror tune runs one seed per trial; give one seed (or --set seed=N)")
+    overrides = [*args.set, *([f"seed={args.seeds[0]}"] if args.seeds else [])]
+    spec = StudySpec(args.params, overrides, args.kind, args.n_trials, args.storage, args.study_name,
+                     args.max_malicious_fraction)
+    result = run_study(spec)
+    study = result.study
+    print(f"\nstudy {study.study_name}: {len(study.trials)} trials in {result.storage}")
+    if result.best_params_path is not None:
+        best = study.best_trial
+        print(f"best: trial {best.number}, objective {best.value:.4f}")
+        for key, value in best.user_attrs.get("metrics", {}).items():
+            print(f"  {key:20} {'-' if value is None else f'{value:.3f}'}")
+        print("  " + "\n  ".join(best.user_attrs["overrides"]))
+        print(f"Best params: {result.best_params_path}  (auror run --params {result.best_params_path})")
+    print(f"Runs: mlflow ui --backend-store-uri {load_config(args.params, overrides).tracking.tracking_uri} "
+          f"(parent run {result.parent_run_id})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import run_report
 
     command = " ".join(["auror", "report", *args.argv])
-    md = run_report(args.params, args.set, args.seeds, command)
+    md = run_report(args.params, args.set, args.seeds, command, from_dir=args.from_dir)
     print(f"\n{md.read_text()}")
     print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_name(md.stem + '_sr.png')}")
     return 0
@@ -58,34 +103,71 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every arm for each seed and report the mean (default: the config's seed)")
 
 
+class UsageError(ConfigError):
+    """A bad command-line argument (argparse's message, on one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``auror: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="auror", description="AUROR: targeted poisoning and its defense in collaborative learning")
+    parser = _Parser(prog="auror", description="AUROR: targeted poisoning and its defense in collaborative learning")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the benign, attack and auror arms with one seed and data split")
     add_config_arguments(run)
+    run.add_argument("--arms", nargs="+", metavar="ARM",
+                     help="run only these arms (benign, attack, auror; default: all); without benign, "
+                          "accuracy_drop is left empty")
+    run.add_argument("--resume", metavar="ID",
+                     help="continue an interrupted run: the id it printed, its checkpoint folder, or the MLflow "
+                          "run id of one of its arms")
     run.set_defaults(func=cmd_run)
+    prepare = sub.add_parser("prepare", help="download (when data.download) and decode the configured dataset; "
+                             "write <reports_dir>/data.json with its sizes")
+    add_config_arguments(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+    tune = sub.add_parser("tune", help="Optuna study: tune AUROR's alpha/tau/window against the attack "
+                          "(--kind defense) or the attack against AUROR (--kind attack)")
+    add_config_arguments(tune)
+    tune.add_argument("--kind", default="defense", help="defense (default) | attack")
+    tune.add_argument("--n-trials", type=int, default=20,
+                      help="the study's total of finished trials; re-running continues up to it (default 20)")
+    tune.add_argument("--storage", help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)")
+    tune.add_argument("--study-name", help="resume this study when it exists (default: <kind>-<dataset>)")
+    tune.add_argument("--max-malicious-fraction", type=float,
+                      help="attack study: at most this fraction of malicious users (default: the configured one)")
+    tune.set_defaults(func=cmd_tune)
     report = sub.add_parser("report", help="run the paper's settings for the configured dataset and write "
                             "a Markdown table beside the paper's numbers (e.g. --params configs/mnist.yaml)")
     add_config_arguments(report)
+    report.add_argument("--from", dest="from_dir", metavar="DIR",
+                        help="build the table from the DVC stages' outputs under DIR instead of running")
     report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    args.argv = argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
     try:
-        if args.seeds and min(args.seeds) < 0:
-            raise ConfigError(f"--seeds: must be >= 0, got {min(args.seeds)}")
+        args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+        bad_seeds = [s for s in args.seeds or [] if not 0 <= s <= MAX_SEED]
+        if bad_seeds:
+            raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
         return args.func(args)
     except (ConfigError, DatasetMissingError) as err:
         print(f"auror: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("auror: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        resume_id = getattr(err, "resume_id", None)  # pipeline.resume.RunInterrupted
+        print("auror: interrupted" + (f"; the finished rounds are saved, continue with: auror run --resume "
+                                      f"{resume_id}" if resume_id else ""), file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,7 @@ problem is reported as a :class:`ConfigError` whose message names the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -86,6 +87,26 @@ class TrainingConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Faulty users, injected on the client side to test the server's
+    robustness (defaults: nobody misbehaves), and the server's norm guard.
+
+    The server never reads the fault lists: it treats NaN as "not uploaded",
+    leaves out for the round any user with an Inf value or an update whose
+    RMS exceeds ``max_norm_ratio`` times the median (see :mod:`pipeline.faults`).
+    """
+
+    nan_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are NaN
+    inf_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are +-Inf
+    dropout_users: list[int] = field(default_factory=list)  # upload nothing
+    huge_users: list[int] = field(default_factory=list)  # their update is multiplied by huge_scale
+    huge_scale: float = 1e6
+    rounds: list[int] = field(default_factory=list)  # the rounds they misbehave in; empty: every round
+    # server side: leave out a user whose update's RMS exceeds this times the median RMS; .inf: no guard
+    max_norm_ratio: float = 100.0
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_dir: str = "mlruns/artifacts"
@@ -102,6 +123,7 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +141,7 @@ class Config:
 
 
 DATASETS = {"digits": 10, "mnist": 10, "gtsrb": 43}  # name -> number of classes
+MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
 PARTITIONS = ("iid", "dirichlet")
 UPLOAD_SELECTIONS = ("largest", "random")
 ALPHA_MODES = ("absolute", "quantile")
@@ -184,15 +207,16 @@ def _check(ok: bool, key: str, message: str, value: Any) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every value; raise :class:`ConfigError` naming the first bad key."""
-    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}]", cfg.seed)
     d, u, a, df, t = cfg.data, cfg.users, cfg.attack, cfg.defense, cfg.training
     _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}", d.name)
     _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
+    _check(bool(d.root.strip()), "data.root", "must not be empty", d.root)
     _check(u.num_users >= 2, "users.num_users", "must be >= 2", u.num_users)
     _check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
            "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
     _check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
-    _check(u.dirichlet_alpha > 0, "users.dirichlet_alpha", "must be > 0", u.dirichlet_alpha)
+    _check(_positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
     _check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
     num_classes = DATASETS[d.name]
     for key in ("source_class", "target_class"):
@@ -201,12 +225,13 @@ def validate(cfg: Config) -> Config:
     _check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
     _check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
     _check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
-    _check(a.malicious_lr_multiplier > 0, "attack.malicious_lr_multiplier", "must be > 0", a.malicious_lr_multiplier)
-    _check(a.boost > 0, "attack.boost", "must be > 0", a.boost)
+    _check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
+           a.malicious_lr_multiplier)
+    _check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
     _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
     _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
     _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
-    _check(t.lr > 0, "training.lr", "must be > 0", t.lr)
+    _check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
     _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
            "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
     _check(df.alpha_mode in ALPHA_MODES, "defense.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}", df.alpha_mode)
@@ -226,8 +251,39 @@ def validate(cfg: Config) -> Config:
     _check(p.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", p.epsilon)
     _check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
            "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", p.gamma)
-    _check(bool(cfg.tracking.experiment), "tracking.experiment", "must not be empty", cfg.tracking.experiment)
+    _validate_faults(cfg)
+    tr = cfg.tracking
+    _check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
+    _check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",
+           "must be a URI with a scheme, e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
+    for key in ("artifact_dir", "reports_dir"):
+        _check(bool(getattr(tr, key).strip()), f"tracking.{key}", "must not be empty", getattr(tr, key))
     return cfg
+
+
+FAULT_KINDS = ("nan_users", "inf_users", "dropout_users", "huge_users")
+
+
+def _validate_faults(cfg: Config) -> None:
+    f, num_users, rounds = cfg.faults, cfg.users.num_users, cfg.training.rounds
+    kind_of: dict[int, str] = {}
+    for kind in FAULT_KINDS:
+        ids = getattr(f, kind)
+        _check(all(0 <= i < num_users for i in ids), f"faults.{kind}",
+               f"must be user ids in [0, users.num_users={num_users})", ids)
+        for i in ids:
+            _check(i not in kind_of, f"faults.{kind}",
+                   f"user {i} is already in faults.{kind_of.get(i)} (one fault kind per user)", ids)
+            kind_of[i] = kind
+    _check(all(1 <= r <= rounds for r in f.rounds), "faults.rounds",
+           f"must be rounds in [1, training.rounds={rounds}] (empty: every round)", f.rounds)
+    _check(_positive(f.huge_scale), "faults.huge_scale", "must be a finite number > 0", f.huge_scale)
+    _check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
+
+
+def _positive(value: float) -> bool:
+    """A finite number > 0 (NaN and inf are not)."""
+    return 0 < value < float("inf")
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -246,30 +302,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"{path}: params file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
+            problem = getattr(err, "problem", None)
+            raise ConfigError(f"{path}: not valid YAML{where}" + (f" ({problem})" if problem else "")) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        _merge(values, loaded or {}, "")
+        _merge(values, loaded or {}, "", path)
     for text in overrides:
         keys, raw = parse_override(text)
         node = values
         for i, key in enumerate(keys[:-1]):
             if not isinstance(node.get(key), dict):
-                raise ConfigError(f"{'.'.join(keys[:i + 1])}: unknown section")
+                sections = sorted(k for k, v in node.items() if isinstance(v, dict))
+                raise ConfigError(f"{'.'.join(keys[:i + 1])}: unknown section (known: {', '.join(sections)})")
             node = node[key]
         if keys[-1] not in node:
-            raise ConfigError(f"{'.'.join(keys)}: unknown key")
+            raise ConfigError(f"{'.'.join(keys)}: unknown key (known: {', '.join(sorted(node))})")
         node[keys[-1]] = raw
     return validate(_build(Config, values, ""))
 
 
-def _merge(base: dict, update: dict, prefix: str) -> None:
+def _merge(base: dict, update: dict, prefix: str, path: Path) -> None:
+    """Merge a params file's values into ``base``; a key ``base`` lacks is an error
+    (a file written for another version of auror, or a typo)."""
     for key, value in update.items():
-        if isinstance(base.get(key), dict) and isinstance(value, dict):
-            _merge(base[key], value, f"{prefix}{key}.")
+        if key not in base:
+            raise ConfigError(f"{path}: {prefix}{key}: unknown key (known: {', '.join(sorted(base))}); "
+                              "was the file written by another version of auror?")
+        if isinstance(base[key], dict):
+            if value is not None and not isinstance(value, dict):  # an empty section reads as None
+                raise ConfigError(f"{path}: {prefix}{key}: expected a section (a mapping of keys), got {value!r}")
+            _merge(base[key], value or {}, f"{prefix}{key}.", path)
         else:
             base[key] = value

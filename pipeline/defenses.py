@@ -36,9 +36,18 @@ class AurorCallback(Callback):
                 self._detect(uploads)
         return self.flagged
 
+    def state_dict(self) -> dict:
+        return {"window": list(self._window), "flagged": sorted(self.flagged), "report": self.report}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._window = list(state["window"])
+        self.flagged = set(state["flagged"])
+        self.report = state["report"]
+
     def _detect(self, uploads: Uploads) -> None:
-        window = torch.stack(self._window)  # (rounds, users, parameters)
+        window = torch.stack(self._window)  # (rounds, users, parameters); NaN: not uploaded (or left out)
         self._window = []
+        # a user absent from every window round gets an all-NaN row: no feature, score 0, never flagged
         features = window.nanmean(0) if self.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)
         d = self.detector.fit(features)
         ids = uploads.user_ids.tolist()

@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlflow
 import torch
@@ -24,12 +25,14 @@ from datamodules.mnist import MNISTDataModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.mlp import MLPClassifier
 from pipeline.auror import Auror
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.defenses import AurorCallback
 from pipeline.loop import Callback, CollaborativeLoop, UserBehaviour
 from pipeline.metrics import detection_rates
 from pipeline.plots import plot_rounds
-from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_name, run_tags, setup_mlflow
+from pipeline.resume import Invocation, RunInterrupted, arm_run
+from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_name, setup_mlflow
 
 log = logging.getLogger("auror")
 
@@ -58,6 +61,7 @@ class ArmResult:
     history: list[dict[str, float]]
     detection: dict
     module: torch.nn.Module
+    example: torch.Tensor | None = None  # one test input: logging the model traces it
 
 
 def build_datamodule(cfg: Config, poison: bool) -> FederatedDataModule:
@@ -77,7 +81,24 @@ def build_datamodule(cfg: Config, poison: bool) -> FederatedDataModule:
         data.setup()
     except ValueError as err:  # the partition's one-line reason
         raise ConfigError(f"users.partition: {err}") from None
+    fewest = min(len(i) for i in data.user_indices)
+    if fewest < u.min_samples:  # the Dirichlet partition checks it itself
+        raise ConfigError(f"users.num_users: {u.num_users} users leave one with {fewest} training samples, fewer "
+                          f"than users.min_samples={u.min_samples}")
     return data
+
+
+def prepare_dataset(cfg: Config) -> Path:
+    """Download (when allowed) and decode the dataset; write its sizes to
+    ``<reports_dir>/data.json`` (what DVC's prepare stage outputs: the data
+    itself lives outside the repository, under data.root or AUROR_DATA_DIR)."""
+    data = build_datamodule(cfg, poison=False)
+    info = {"dataset": cfg.data.name, "train_samples": len(data.train_y), "test_samples": len(data.test_y),
+            "classes": data.num_classes, "input_shape": list(data.test_x.shape[1:])}
+    path = Path(cfg.tracking.reports_dir) / "data.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info) + "\n")
+    return path
 
 
 def user_behaviour(cfg: Config, malicious: torch.Tensor, attacking: bool) -> UserBehaviour:
@@ -90,8 +111,9 @@ def user_behaviour(cfg: Config, malicious: torch.Tensor, attacking: bool) -> Use
     )
 
 
-def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = ()) -> ArmResult:
-    """Train one arm from scratch and evaluate it (no tracking)."""
+def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: Checkpoint | None = None) -> ArmResult:
+    """Train one arm from scratch (or from ``checkpoint`` when it exists; saved
+    after every round) and evaluate it (no tracking)."""
     attacking = arm != "benign"
     data = build_datamodule(cfg, poison=attacking)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm
@@ -103,7 +125,7 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = ()) -> ArmResult:
     loop = CollaborativeLoop(
         module, data, user_behaviour(cfg, data.malicious, attacking), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class, cfg.protocol,
-        callbacks=[*callbacks, *([defense] if defense else [])],
+        callbacks=[*callbacks, *([defense] if defense else [])], faults=cfg.faults, checkpoint=checkpoint,
     )
     metrics: dict[str, float | None] = dict(loop.run())
     malicious = data.malicious.nonzero().flatten().tolist()
@@ -114,26 +136,54 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = ()) -> ArmResult:
         flagged[sorted(defense.flagged)] = True
         metrics["detection_rate"], metrics["false_positive_rate"] = detection_rates(flagged, data.malicious)
         detection = {"defense": "auror", "malicious_users": malicious, **defense.report}
-    return ArmResult(arm, metrics, loop.history, detection, module)
+    return ArmResult(arm, metrics, loop.history, detection, module, data.test_x[:1])
 
 
-def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = True) -> dict[str, dict[str, float | None]]:
-    """Run the three arms for each seed (default: ``cfg.seed``), log every arm
-    of every seed as an MLflow run (when ``track``), and write the final
-    metrics, averaged over the seeds, to ``<reports_dir>/latest.json`` as
-    ``{arm: {metric: value}}``. Returns them."""
+def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = True,
+                   arms: Sequence[str] = ARMS, resume: Invocation | None = None) -> dict[str, dict[str, float | None]]:
+    """Run the ``arms`` (default: all three) for each seed (default: ``cfg.seed``),
+    log every arm of every seed as an MLflow run (when ``track``), and write the
+    final metrics, averaged over the seeds, to ``<reports_dir>/latest.json`` as
+    ``{arm: {metric: value}}`` and the per-round metrics to ``<reports_dir>/rounds.csv``.
+    Returns the final metrics. Without the benign arm, ``accuracy_drop`` is ``None``.
+
+    When ``track``, every round is checkpointed (:mod:`pipeline.resume`); ``resume``
+    continues such an invocation (pass its ``cfg``, ``seeds`` and ``arms``). Ctrl-C
+    raises :class:`~pipeline.resume.RunInterrupted`, which names it."""
+    arms = [a for a in ARMS if a in arms]  # benign first: the others' accuracy drop needs it
     for seed in seeds if seeds is not None else [cfg.seed]:  # data errors surface before any run exists
         build_datamodule(dataclasses.replace(cfg, seed=seed), poison=True)
     experiment_id = setup_mlflow(cfg) if track else None
-    per_seed = []
-    for seed in seeds if seeds is not None else [cfg.seed]:
-        results = _run_seed(dataclasses.replace(cfg, seed=seed), experiment_id)
-        per_seed.append({arm: {m: r.metrics[m] for m in METRICS} for arm, r in results.items()})
+    invocation = resume
+    if track and invocation is None:
+        invocation = Invocation.create(cfg, list(seeds if seeds is not None else [cfg.seed]), arms)
+    if invocation is not None:
+        log.info("checkpoints in %s (if interrupted: auror run --resume %s)", invocation.folder, invocation.id)
+    per_seed, rounds = [], []
+    try:
+        for seed in seeds if seeds is not None else [cfg.seed]:
+            results = _run_seed(dataclasses.replace(cfg, seed=seed), experiment_id, arms, invocation)
+            per_seed.append({arm: {m: r.metrics[m] for m in METRICS} for arm, r in results.items()})
+            rounds += [{"seed": seed, "arm": arm, **h} for arm, r in results.items() for h in r.history]
+    except KeyboardInterrupt as err:
+        if invocation is None or isinstance(err, RunInterrupted):
+            raise
+        raise RunInterrupted(invocation.id) from None
     final = average(per_seed)
     reports = Path(cfg.tracking.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "latest.json").write_text(json.dumps(final, indent=2) + "\n")
+    write_csv(rounds, reports / "rounds.csv")
     return final
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """Rows with the same keys as a CSV file with a header (DVC plots read it)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def average(per_seed: list[dict[str, dict[str, float | None]]]) -> dict[str, dict[str, float | None]]:
@@ -145,18 +195,25 @@ def average(per_seed: list[dict[str, dict[str, float | None]]]) -> dict[str, dic
     }
 
 
-def _run_seed(cfg: Config, experiment_id: str | None) -> dict[str, ArmResult]:
+def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = ARMS,
+              invocation: Invocation | None = None) -> dict[str, ArmResult]:
     reports = Path(cfg.tracking.reports_dir)
     results: dict[str, ArmResult] = {}
-    for arm in ARMS:
+    for arm in arms:
         log.info("seed %d, arm %s", cfg.seed, arm)
         callbacks: list[Callback] = [ProgressLogger(arm)]
         if experiment_id is None:
             results[arm] = _finish(run_arm(cfg, arm, callbacks), results)
             continue
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(cfg, arm), tags=run_tags(cfg, arm)):
+        done = invocation.finished(cfg.seed, arm) if invocation is not None else None
+        if done is not None:  # a resumed invocation: this arm finished before the interruption
+            log.info("  finished before the interruption: %s", done["metrics"])
+            results[arm] = ArmResult(arm, done["metrics"], done["history"], done["detection"], module=None)
+            continue
+        checkpoint = invocation.checkpoint(cfg.seed, arm) if invocation is not None else None
+        with arm_run(experiment_id, cfg, arm, invocation):
             mlflow.log_params(cfg.flat())
-            result = _finish(run_arm(cfg, arm, [*callbacks, MlflowRoundLogger()]), results)
+            result = _finish(run_arm(cfg, arm, [*callbacks, MlflowRoundLogger()], checkpoint), results)
             # accuracy and attack success are already logged per round; the last round is the final model
             mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None and k not in ROUND_METRICS})
             mlflow.log_dict(result.detection, "detection.json")
@@ -164,6 +221,10 @@ def _run_seed(cfg: Config, experiment_id: str | None) -> dict[str, ArmResult]:
             mlflow.log_artifact(str(plot_rounds(
                 {arm: result.history}, reports / "plots" / f"{arm}.png", title=run_name(cfg, arm),
                 detection_rounds={arm: result.detection.get("detection_round")})))
+            if arm == "auror":
+                log_model(result)
+        if invocation is not None:
+            invocation.finish_arm(cfg.seed, arm, result.metrics, result.history, result.detection)
         results[arm] = result
     plot_rounds({a: r.history for a, r in results.items()}, reports / "latest.png",
                 title=f"{cfg.data.name}, {cfg.users.malicious_fraction:.0%} malicious users, seed {cfg.seed}",
@@ -172,7 +233,21 @@ def _run_seed(cfg: Config, experiment_id: str | None) -> dict[str, ArmResult]:
 
 
 def _finish(result: ArmResult, done: dict[str, ArmResult]) -> ArmResult:
-    """Add the accuracy drop against the benign arm (run first, same seed)."""
-    benign = done.get("benign", result)
-    result.metrics["accuracy_drop"] = benign.metrics["accuracy"] - result.metrics["accuracy"]
+    """Add the accuracy drop against the benign arm (run first, same seed; ``None`` without it)."""
+    benign = done.get("benign", result if result.arm == "benign" else None)
+    result.metrics["accuracy_drop"] = None if benign is None else benign.metrics["accuracy"] - result.metrics["accuracy"]
     return result
+
+
+def log_model(result: ArmResult) -> None:
+    """Log the final global model to the active MLflow run as an MLflow model.
+
+    ``pt2`` (torch.export, MLflow 3's default) is the format that does not run
+    pickled code on load; it traces the model on one test input. Pinning the
+    requirements skips MLflow's slow requirement inference.
+    """
+    import mlflow.pytorch  # slow import, only where a model is logged
+
+    mlflow.pytorch.log_model(result.module.eval(), name="model", input_example=result.example.numpy(),
+                             serialization_format="pt2",
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -7,20 +7,26 @@ only ever receives :class:`Uploads`: user ids and update tensors, no data.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
-from pipeline.config import ProtocolConfig
+from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.config import FaultsConfig, ProtocolConfig
+from pipeline.faults import FAULT_STREAM, faulty_this_round, inject_faults, screen_uploads
 from pipeline.local_training import train_users, user_batches
 from pipeline.masking import (
     add_laplace_noise, aggregate_per_coordinate, clip, download_merge, laplace_scale, mask_updates, num_kept,
     upload_mask,
 )
 from pipeline.metrics import accuracy, attack_success_rate
+
+log = logging.getLogger("auror")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,12 @@ class Callback:
     def on_round_end(self, loop: "CollaborativeLoop", round_: int, metrics: dict[str, float]) -> None: ...
 
     def on_run_end(self, loop: "CollaborativeLoop") -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue as if never stopped (tensors, lists, dicts, numbers, strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # the protocol's random stream in a round, apart from every user's batch stream
@@ -86,6 +98,9 @@ class CollaborativeLoop:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    # saved at the end of every round; when it exists at the start, the run continues from it
+    checkpoint: Checkpoint | None = None
 
     def evaluate(self) -> dict[str, float]:
         self.module.eval()
@@ -100,7 +115,8 @@ class CollaborativeLoop:
         }
 
     def run(self) -> dict[str, float]:
-        """Run every round; return the final evaluation of the global model."""
+        """Run every round (from the checkpoint's next one when there is a
+        checkpoint); return the final evaluation of the global model."""
         data, b, protocol = self.data, self.behaviour, self.protocol
         user_ids = torch.arange(len(data.user_indices))
         global_params = parameters_to_vector(self.module.parameters()).detach().clone()
@@ -108,23 +124,78 @@ class CollaborativeLoop:
         local_params = global_params.expand(len(user_ids), -1).clone()
         for cb in self.callbacks:
             cb.on_run_start(self)
-        for round_ in range(1, self.rounds + 1):
+        first = 1
+        state = self.checkpoint.load() if self.checkpoint is not None else None
+        if state is not None:
+            global_params, local_params = self.load_state_dict(state, local_params)
+            first = state["round"] + 1
+            log.info("  resumed after round %d from %s", state["round"], self.checkpoint.path)
+        quota = num_kept(protocol.theta_u, global_params.numel())
+        for round_ in range(first, self.rounds + 1):
             # client side: download, train locally, upload a masked update
             generator = seeded_generator(self.seed, round_, PROTOCOL_STREAM)
             start = download_merge(global_params, local_params, protocol.theta_d, generator)
             schedule = user_batches(data.user_indices, b.epochs, self.batch_size, self.seed, round_)
             local_params = train_users(self.module, start, data.train_x, data.train_y, schedule, b.lr_multipliers)
             updates = (local_params - start) * b.update_scale.unsqueeze(1)
-            uploads = Uploads(round_, user_ids, upload(updates, protocol, generator))
-            # server side: only the uploads from here on
+            sent = upload(updates, protocol, generator)
+            if faulty_this_round(self.faults, round_):  # faulty clients, from the config's faults section
+                sent = inject_faults(sent, self.faults, round_, seeded_generator(self.seed, round_, FAULT_STREAM))
+            # server side: only the uploads from here on; the guard leaves out Inf and outlying updates
+            screen = screen_uploads(sent, quota, self.faults.max_norm_ratio)
+            uploads = Uploads(round_, user_ids, screen.updates)
             rejected = set().union(*(cb.reject(uploads) for cb in self.callbacks))
-            accepted = ~torch.isin(user_ids, torch.tensor(sorted(rejected), dtype=torch.long))
-            global_params = global_params + aggregate_per_coordinate(uploads.updates, accepted)
+            accepted = ~torch.isin(user_ids, torch.tensor(sorted(rejected), dtype=torch.long)) & ~screen.faulty
+            step = aggregate_per_coordinate(uploads.updates, accepted)
+            if not torch.isfinite(step).all():  # finite updates can still overflow float32 when summed
+                log.warning("  round %d: the aggregate overflowed; non-finite coordinates left unchanged", round_)
+                step = torch.where(torch.isfinite(step), step, 0)
+            global_params = global_params + step
             vector_to_parameters(global_params.clone(), self.module.parameters())  # it would alias
-            metrics = {**self.evaluate(), "excluded_users": float((~accepted).sum())}
+            metrics = {**self.evaluate(), "excluded_users": float((~accepted).sum()),
+                       "faulty_users": float(screen.faulty.sum()), "dropped_users": float(screen.dropped.sum()),
+                       "incomplete_users": float(screen.incomplete.sum())}
+            if screen.faulty.any() or screen.dropped.any() or screen.incomplete.any():
+                log.warning("  round %d: left out users %s (Inf values) and %s (update norm > %g x median); "
+                            "uploaded nothing: %s; uploaded only part: %s", round_,
+                            *(user_ids[m].tolist() or "none" for m in (screen.infinite, screen.outlier)),
+                            self.faults.max_norm_ratio,
+                            *(user_ids[m].tolist() or "none" for m in (screen.dropped, screen.incomplete)))
             self.history.append({"round": round_, **metrics})
             for cb in self.callbacks:
                 cb.on_round_end(self, round_, metrics)
+            if self.checkpoint is not None:  # after the callbacks: a resumed run never skips their round
+                self.checkpoint.save(self.state_dict(round_, global_params, local_params))
         for cb in self.callbacks:
             cb.on_run_end(self)
         return self.evaluate()
+
+    def state_dict(self, round_: int, global_params: torch.Tensor, local_params: torch.Tensor) -> dict[str, Any]:
+        """Everything the rounds after ``round_`` depend on. Their random streams
+        derive from (seed, round, user), so the round index stands for them; the
+        torch global generator (only model initialisation uses it) is saved anyway."""
+        return {
+            "round": round_,
+            "global_params": global_params,
+            "module": self.module.state_dict(),  # the buffers, if the model has any
+            # with theta_d = 1 every user starts each round from the global model
+            "local_params": local_params if self.protocol.theta_d < 1 else None,
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], local_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restore a :meth:`state_dict`; returns the global and local parameters."""
+        where = self.checkpoint.path if self.checkpoint is not None else "checkpoint"
+        global_params = state["global_params"]
+        if global_params.shape != local_params.shape[1:] or len(state["callbacks"]) != len(self.callbacks):
+            raise CheckpointError(f"{where}: saved by a run with another model or defense; delete it to restart "
+                                  "that arm from round 1")
+        self.module.load_state_dict(state["module"])
+        vector_to_parameters(global_params.clone(), self.module.parameters())
+        torch.set_rng_state(state["torch_rng"])
+        self.history[:] = state["history"]
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        return global_params, state["local_params"] if state["local_params"] is not None else local_params

@@ -14,13 +14,21 @@ from pipeline.loop import Callback, CollaborativeLoop
 log = logging.getLogger("auror")
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute: MLflow caches a store per
+    URI string, so in one process a relative one would stay bound to the first cwd."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the configured store; create the experiment (with its
     artifacts under ``tracking.artifact_dir``) when missing. Returns its id."""
     uri = cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(absolute_uri(uri))
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id

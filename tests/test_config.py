@@ -17,7 +17,8 @@ def test_shipped_params_yaml_equals_the_defaults():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
-    assert cfg.users.num_users == 30 and cfg.data.name == path.stem
+    assert cfg.data.name == path.stem
+    assert cfg.users.num_users == 30 or path.stem == "digits"  # the paper's settings; digits is the quick one
 
 
 def test_overrides_are_typed():

@@ -1,0 +1,60 @@
+"""One arm's loop state at the end of its last finished round, in one file.
+
+Written after every round: to a temporary file in the same folder, then
+renamed over the previous checkpoint (``os.replace`` is atomic), so a run
+killed at any moment leaves either the previous round's checkpoint or this
+one's, never half a file. Read with ``torch.load(weights_only=True)``: a
+checkpoint holds only tensors, lists, dicts, numbers, strings and ``None``,
+and loading one runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read (truncated, from another version); one line, like a config error."""
+
+
+class Checkpoint:
+    """The checkpoint file at ``path`` (created on the first :meth:`save`)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):  # interrupted before the rename
+                os.unlink(tmp)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` when there is no checkpoint yet."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - truncated, not a torch file, unsafe content: all the same here
+            reason = " ".join(str(err).split())[:200]
+            raise CheckpointError(f"{self.path}: unreadable checkpoint ({reason}); delete it to restart that "
+                                  "arm from round 1") from None
+        if not isinstance(state, dict) or "round" not in state:
+            raise CheckpointError(f"{self.path}: not a checkpoint of auror's loop; delete it to restart that arm "
+                                  "from round 1")
+        return state
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,120 @@
+"""Faulty users: the client-side injection (to test the server) and the
+server's guards against them, as pure tensor functions.
+
+Client side, :func:`inject_faults` corrupts what the users of the config's
+``faults`` section send, after the protocol's masking (a faulty client does
+not follow the protocol): NaN or Inf in a random half of the uploaded values,
+nothing at all (dropout), or the whole update times ``huge_scale``.
+
+Server side, :func:`screen_uploads` knows nothing of that config. It reads
+the uploads as they come, NaN meaning "not uploaded" (DSSGD's masking sends
+only a fraction of the values), and for the round:
+
+- leaves out every user with an infinite value (a float overflow or a broken
+  client: no value of that upload can be trusted);
+- leaves out every user whose update's RMS over the values it uploaded exceeds
+  ``max_norm_ratio`` times the median RMS of the users (the lower median for an
+  even count), a user-robust statistic: a minority of huge updates cannot move it;
+- counts users that uploaded nothing (dropped out) and users that uploaded
+  fewer values than the protocol's quota (some NaN values): their missing
+  values are simply absent from the per-coordinate mean.
+
+The guard runs before the defense: a left-out user's row is all NaN in what
+the defense sees, i.e. absent for that round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import FaultsConfig
+
+# the faults' random stream in a round, apart from the protocol's (2**32 - 1) and every user's batch stream
+FAULT_STREAM = 2**32 - 2
+
+
+def faulty_this_round(faults: FaultsConfig, round_: int) -> bool:
+    """Whether any user misbehaves in ``round_``."""
+    anyone = faults.nan_users or faults.inf_users or faults.dropout_users or faults.huge_users
+    return bool(anyone) and (not faults.rounds or round_ in faults.rounds)
+
+
+def inject_faults(uploads: torch.Tensor, faults: FaultsConfig, round_: int, generator: torch.Generator) -> torch.Tensor:
+    """Client side: what the users send in ``round_``, with the configured faults
+    applied to the server's view ``uploads`` (users, P; NaN: not uploaded).
+    Returns ``uploads`` itself when nobody misbehaves in this round."""
+    if not faulty_this_round(faults, round_):
+        return uploads
+    sent = uploads.clone()
+    half = torch.rand(uploads.shape, generator=generator) < 0.5  # which values a NaN / Inf fault corrupts
+    sign = torch.where(torch.rand(uploads.shape, generator=generator) < 0.5, -1.0, 1.0)
+    for user in faults.nan_users:
+        sent[user] = torch.where(half[user], torch.nan, sent[user])
+    for user in faults.inf_users:
+        sent[user] = torch.where(half[user] & ~torch.isnan(sent[user]), sign[user] * torch.inf, sent[user])
+    for user in faults.dropout_users:
+        sent[user] = torch.nan
+    for user in faults.huge_users:
+        sent[user] = sent[user] * faults.huge_scale
+    return sent
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What :func:`screen_uploads` found in one round; masks are bool (users,)."""
+
+    updates: torch.Tensor  # the uploads, faulty users' rows all NaN (the input itself when nobody is faulty)
+    infinite: torch.Tensor  # left out: an infinite value
+    outlier: torch.Tensor  # left out: update RMS above max_norm_ratio x the median RMS
+    dropped: torch.Tensor  # uploaded nothing
+    incomplete: torch.Tensor  # uploaded some values, fewer than the protocol's quota
+
+    @property
+    def faulty(self) -> torch.Tensor:
+        """The users left out of this round."""
+        return self.infinite | self.outlier
+
+
+def update_rms(updates: torch.Tensor) -> torch.Tensor:
+    """Each user's root mean square over the finite values it uploaded (float64; 0 when none)."""
+    finite = torch.isfinite(updates)
+    squares = torch.where(finite, updates, 0).square().sum(1, dtype=torch.float64)
+    return (squares / finite.sum(1).clamp(min=1)).sqrt()
+
+
+def screen_uploads(updates: torch.Tensor, expected: int, max_norm_ratio: float) -> Screening:
+    """Server side: find the users to leave out of this round, and the dropouts.
+
+    Parameters
+    ----------
+    updates : (users, P) tensor, NaN where a user uploaded nothing.
+    expected : int
+        How many values each user uploads under the protocol (``num_kept(theta_u, P)``).
+    max_norm_ratio : float
+        Leave out a user whose update RMS exceeds this times the median RMS; ``inf``: never.
+
+    Examples
+    --------
+    >>> u = torch.tensor([[0.1, -0.1], [0.2, 0.1], [float("inf"), 0.1], [1e6, 1e6], [float("nan")] * 2])
+    >>> s = screen_uploads(u, expected=2, max_norm_ratio=100)
+    >>> s.infinite.tolist(), s.outlier.tolist(), s.dropped.tolist()
+    ([False, False, True, False, False], [False, False, False, True, False], [False, False, False, False, True])
+    """
+    uploaded = ~torch.isnan(updates)
+    count = uploaded.sum(1)
+    dropped = count == 0
+    infinite = torch.isinf(updates).any(1)
+    outlier = torch.zeros_like(dropped)
+    candidates = ~dropped & ~infinite
+    if not math.isinf(max_norm_ratio) and candidates.any():
+        rms = update_rms(updates)
+        median = rms[candidates].median()  # the lower median for an even count
+        if median > 0:
+            outlier = candidates & (rms > max_norm_ratio * median)
+    faulty = infinite | outlier
+    if faulty.any():
+        updates = updates.masked_fill(faulty.unsqueeze(1), torch.nan)
+    return Screening(updates, infinite, outlier, dropped, (count > 0) & (count < expected))

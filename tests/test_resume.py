@@ -1,0 +1,126 @@
+"""An `auror run` killed (SIGKILL) or interrupted (SIGINT, i.e. Ctrl-C) in the
+middle of a random round continues with `auror run --resume` and ends with
+exactly the metrics of an uninterrupted run, in the same MLflow runs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.cli import main
+from tests.conftest import TINY
+
+ROUNDS = 4  # training.rounds in TINY
+ARGS = [a for s in TINY for a in ("--set", s)]
+
+# `auror run`, but the process signals itself when local training starts for the
+# n-th time overall (3 arms x ROUNDS rounds): in the middle of a round, after the
+# previous round's checkpoint
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import pipeline.loop
+    from pipeline.cli import main
+
+    sig, n = getattr(signal, sys.argv[1]), int(sys.argv[2])
+    train, calls = pipeline.loop.train_users, []
+
+    def train_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), sig)
+        return train(*args, **kwargs)
+
+    pipeline.loop.train_users = train_then_signal
+    sys.exit(main(["run", *sys.argv[3:]]))
+""")
+
+# drawn once per session; the test id shows it, so a failure can be replayed
+KILL_AT = random.randint(2, 3 * ROUNDS)
+INTERRUPT_AT = random.randint(2, 3 * ROUNDS)
+
+
+def run_killed(tmp_path, sig: str, n: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLER, sig, str(n), *ARGS], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+
+
+def runs_of(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=["auror"], output_format="list")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """latest.json and rounds.csv of an uninterrupted run."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["run", *ARGS]) == 0
+    finally:
+        os.chdir(cwd)
+    return json.loads((folder / "reports/latest.json").read_text()), (folder / "reports/rounds.csv").read_text()
+
+
+def assert_resumed_like_uninterrupted(tmp_path, uninterrupted, what: str):
+    latest, rounds = uninterrupted
+    assert json.loads((tmp_path / "reports/latest.json").read_text()) == latest, what
+    assert (tmp_path / "reports/rounds.csv").read_text() == rounds, what
+    runs = runs_of(tmp_path)
+    assert sorted(r.data.tags["arm"] for r in runs) == ["attack", "auror", "benign"], what  # the same runs, reopened
+    client = mlflow.MlflowClient()
+    for run in runs:
+        assert run.info.status == "FINISHED", what
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")]
+        assert steps == list(range(1, ROUNDS + 1)), what  # every round logged once
+    assert not list((tmp_path / "mlruns/checkpoints").glob("*/*.pt")), "finished arms leave no checkpoint"
+
+
+@pytest.mark.parametrize("n", [KILL_AT])
+def test_sigkill_then_resume_by_mlflow_run_id(n, tmp_path, monkeypatch, uninterrupted):
+    what = f"SIGKILL in local training call {n} of {3 * ROUNDS}"
+    killed = run_killed(tmp_path, "SIGKILL", n)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    running = [r for r in runs_of(tmp_path) if r.info.status == "RUNNING"]
+    assert len(running) == 1, what  # a SIGKILLed process cannot end its run
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", running[0].info.run_id]) == 0
+    assert_resumed_like_uninterrupted(tmp_path, uninterrupted, what)
+
+
+@pytest.mark.parametrize("n", [INTERRUPT_AT])
+def test_ctrl_c_marks_the_run_killed_and_resumes_by_the_printed_id(n, tmp_path, monkeypatch, capsys, uninterrupted):
+    what = f"SIGINT in local training call {n} of {3 * ROUNDS}"
+    interrupted = run_killed(tmp_path, "SIGINT", n)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Traceback" not in interrupted.stderr + interrupted.stdout
+    last = interrupted.stderr.strip().splitlines()[-1]
+    assert last.startswith("auror: interrupted; the finished rounds are saved, continue with: auror run --resume ")
+    statuses = sorted(r.info.status for r in runs_of(tmp_path))
+    assert "KILLED" in statuses and "RUNNING" not in statuses, what
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", last.split()[-1]]) == 0
+    assert_resumed_like_uninterrupted(tmp_path, uninterrupted, what)
+
+
+def test_checkpoint_is_written_atomically_and_loaded_without_pickled_code(tmp_path):
+    checkpoint = Checkpoint(tmp_path / "c" / "seed0-auror.pt")
+    assert checkpoint.load() is None
+    state = {"round": 3, "global_params": torch.arange(4.0), "local_params": None, "history": [{"round": 1}]}
+    checkpoint.save(state)
+    loaded = checkpoint.load()
+    assert loaded["round"] == 3 and torch.equal(loaded["global_params"], state["global_params"])
+    assert [p.name for p in checkpoint.path.parent.iterdir()] == ["seed0-auror.pt"]  # no temporary file left
+    checkpoint.path.write_bytes(checkpoint.path.read_bytes()[:50])  # truncated
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        checkpoint.load()
