@@ -1,0 +1,460 @@
+"""Optuna studies over the experiment: tune AUROR against an attack, or an attack against AUROR.
+
+Two kinds of study, both maximised, every trial one run of the ``auror`` arm:
+
+- ``defense``: searches ``defense.alpha_mode`` (absolute | quantile, each with
+  its own ``alpha`` range), ``defense.alpha``, ``defense.tau`` and
+  ``defense.window_rounds`` against the configured attack. The objective is
+  the scalarisation
+
+      DR - FPR - SR - max(AD, 0)
+
+  of the auror arm's detection rate, false-positive rate, attack success rate
+  and accuracy drop against the benign arm (run once per study, its accuracy
+  cached in the study). 1 is the ideal (every attacker flagged, no honest
+  user, no attack success, no accuracy lost); SR cannot fall below the
+  benign model's own confusion of source as target.
+- ``attack``: searches ``attack.poisoned_fraction``, ``attack.boost``,
+  ``attack.malicious_epochs``, ``attack.malicious_lr_multiplier`` and the
+  number of malicious users (at most ``max_malicious_fraction`` of them)
+  against the configured defense; the objective is the auror arm's SR.
+
+The first trial of a new study is the configured setting itself (a baseline).
+Every round reports its value (the same formula on that round's model and
+flags) to a median pruner, which stops a trial worse than the median of
+earlier trials at the same round, once detection can have happened.
+
+Storage and resuming: studies live in an RDB storage (default
+``sqlite:///mlruns/optuna.db``; a PostgreSQL URL lets several machines run
+trials of one study). ``n_trials`` is the study's total budget of finished
+(complete or pruned) trials: running the same command again continues the
+study and runs only the missing trials; a finished study runs none. A study
+refuses to continue under a different config (other than ``tracking``).
+Ctrl-C marks the running trial FAIL and its MLflow run KILLED; a trial whose
+process died (SIGKILL, power loss) is marked FAIL once its heartbeat is
+older than :data:`GRACE_PERIOD_S` seconds, by the next ``auror tune`` on
+that study.
+
+MLflow: one parent run per study (reopened on resume) with one nested run
+per trial (params, per-round metrics, final metrics, objective); the parent
+gets the optimisation history and parameter importances as PNGs. The best
+trial's full config is written as a params file that ``auror run --params``
+accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from pipeline.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.defenses import AurorCallback  # noqa: E402
+from pipeline.experiment import run_arm  # noqa: E402
+from pipeline.loop import Callback, CollaborativeLoop  # noqa: E402
+from pipeline.metrics import detection_rates  # noqa: E402
+from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow  # noqa: E402
+
+log = logging.getLogger("auror")
+
+KINDS = ("defense", "attack")
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+HEARTBEAT_S = 10  # a running trial writes a heartbeat this often ...
+GRACE_PERIOD_S = 30  # ... and is presumed dead (FAIL) when the last one is older than this
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_trials
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it names the best-params file
+
+# search ranges; alpha's depends on how it is read
+ALPHA_RANGES = {"absolute": (1e-3, 0.5, True), "quantile": (0.5, 0.999, False)}  # low, high, log
+TAU_RANGE = (0.1, 0.9)
+MAX_WINDOW_ROUNDS = 10
+POISONED_FRACTION_RANGE = (0.1, 1.0)
+BOOST_RANGE = (1.0, 10.0)
+MALICIOUS_EPOCHS_RANGE = (1, 5)
+LR_MULTIPLIER_RANGE = (0.5, 4.0)
+
+
+# -- objectives: pure functions of an arm's metrics ------------------------------------------------
+
+def defense_objective(detection_rate: float, false_positive_rate: float, attack_success_rate: float,
+                      accuracy_drop: float) -> float:
+    """DR - FPR - SR - max(AD, 0): 1 is perfect; a defense gains nothing from beating the benign model."""
+    return detection_rate - false_positive_rate - attack_success_rate - max(accuracy_drop, 0.0)
+
+
+def attack_objective(attack_success_rate: float) -> float:
+    return attack_success_rate
+
+
+def objective_value(kind: str, metrics: dict[str, float | None]) -> float:
+    if kind == "attack":
+        return attack_objective(metrics["attack_success_rate"])
+    return defense_objective(metrics["detection_rate"], metrics["false_positive_rate"],
+                             metrics["attack_success_rate"], metrics["accuracy_drop"])
+
+
+# -- search spaces: a trial's parameters as config overrides ---------------------------------------
+
+def max_window_rounds(cfg: Config) -> int:
+    return min(MAX_WINDOW_ROUNDS, cfg.training.rounds)
+
+
+def max_malicious_users(cfg: Config, budget: float) -> int:
+    """The most malicious users within ``budget`` (a fraction of the users)."""
+    return math.floor(budget * cfg.users.num_users + 1e-9)
+
+
+def suggest_defense(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
+    mode = trial.suggest_categorical("defense.alpha_mode", list(ALPHA_RANGES))
+    low, high, log_scale = ALPHA_RANGES[mode]
+    # one alpha parameter per mode: the two ranges are different quantities
+    alpha = trial.suggest_float(f"defense.alpha[{mode}]", low, high, log=log_scale)
+    tau = trial.suggest_float("defense.tau", *TAU_RANGE)
+    window = trial.suggest_int("defense.window_rounds", 1, max_window_rounds(cfg))
+    return [f"defense.alpha_mode={mode}", f"defense.alpha={alpha!r}", f"defense.tau={tau!r}",
+            f"defense.window_rounds={window}"]
+
+
+def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
+    poisoned = trial.suggest_float("attack.poisoned_fraction", *POISONED_FRACTION_RANGE)
+    boost = trial.suggest_float("attack.boost", *BOOST_RANGE, log=True)
+    epochs = trial.suggest_int("attack.malicious_epochs", *MALICIOUS_EPOCHS_RANGE)
+    lr = trial.suggest_float("attack.malicious_lr_multiplier", *LR_MULTIPLIER_RANGE, log=True)
+    users = trial.suggest_int("users.malicious_users", 1, max_malicious_users(cfg, budget))
+    return [f"attack.poisoned_fraction={poisoned!r}", f"attack.boost={boost!r}", f"attack.malicious_epochs={epochs}",
+            f"attack.malicious_lr_multiplier={lr!r}", f"users.malicious_fraction={users / cfg.users.num_users!r}"]
+
+
+SPACES = {"defense": suggest_defense, "attack": suggest_attack}
+
+
+def baseline_params(kind: str, cfg: Config) -> dict:
+    """The configured setting as trial parameters: the first trial of a new study."""
+    if kind == "defense":
+        d = cfg.defense
+        return {"defense.alpha_mode": d.alpha_mode, f"defense.alpha[{d.alpha_mode}]": d.alpha, "defense.tau": d.tau,
+                "defense.window_rounds": min(d.window_rounds, max_window_rounds(cfg))}
+    a = cfg.attack
+    return {"attack.poisoned_fraction": a.poisoned_fraction, "attack.boost": a.boost,
+            "attack.malicious_epochs": a.malicious_epochs, "attack.malicious_lr_multiplier": a.malicious_lr_multiplier,
+            "users.malicious_users": max(1, round(cfg.users.malicious_fraction * cfg.users.num_users))}
+
+
+def warmup_rounds(kind: str, cfg: Config) -> int:
+    """No pruning before detection can have happened (the largest window searched, or the configured one)."""
+    return max_window_rounds(cfg) if kind == "defense" else cfg.defense.window_rounds
+
+
+# -- per-round reporting ----------------------------------------------------------------------------
+
+class TrialReporter(Callback):
+    """Reports every round's objective to the trial; raises ``TrialPruned`` when the pruner says so.
+
+    The round's value uses that round's model and the defense's flags so far
+    (before detection nobody is flagged: DR = FPR = 0).
+    """
+
+    def __init__(self, trial: optuna.Trial, kind: str, benign_accuracy: float) -> None:
+        self.trial, self.kind, self.benign_accuracy = trial, kind, benign_accuracy
+
+    def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
+        self.trial.report(objective_value(self.kind, self.round_metrics(loop, metrics)), round_)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at round {round_}")
+
+    def round_metrics(self, loop: CollaborativeLoop, metrics: dict[str, float]) -> dict[str, float]:
+        defense = next(cb for cb in loop.callbacks if isinstance(cb, AurorCallback))
+        flagged = torch.zeros_like(loop.data.malicious)
+        flagged[sorted(defense.flagged)] = True
+        dr, fpr = detection_rates(flagged, loop.data.malicious)
+        return {**metrics, "detection_rate": dr, "false_positive_rate": fpr,
+                "accuracy_drop": self.benign_accuracy - metrics["accuracy"]}
+
+
+# -- the study --------------------------------------------------------------------------------------
+
+@dataclass
+class StudySpec:
+    """What ``auror tune`` was asked for; ``params``/``overrides`` are the base config's source."""
+
+    params: str | None
+    overrides: list[str]
+    kind: str = "defense"
+    n_trials: int = 20
+    storage: str | None = None  # None: DEFAULT_STORAGE
+    study_name: str | None = None
+    max_malicious_fraction: float | None = None
+    extra_callbacks: list[Callback] = field(default_factory=list)  # added to every trial's loop (tests)
+
+
+@dataclass
+class StudyResult:
+    study: optuna.Study
+    best_params_path: Path | None
+    parent_run_id: str
+    storage: str
+
+
+def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
+    """Check the CLI values; return the study name and the malicious-user budget."""
+    if spec.kind not in KINDS:
+        raise ConfigError(f"--kind: must be one of {', '.join(KINDS)}, got {spec.kind!r}")
+    if spec.n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {spec.n_trials}")
+    name = spec.study_name or f"{spec.kind}-{cfg.data.name}"
+    if not STUDY_NAME.match(name):
+        raise ConfigError(f"--study-name: letters, digits, '.', '_' and '-' only, got {name!r}")
+    budget = cfg.users.malicious_fraction if spec.max_malicious_fraction is None else spec.max_malicious_fraction
+    if not 0 < budget < 0.5:
+        raise ConfigError(f"--max-malicious-fraction: must be in (0, 0.5), got {budget!r}")
+    if spec.kind == "defense" and round(cfg.users.malicious_fraction * cfg.users.num_users) == 0:
+        raise ConfigError(f"users.malicious_fraction: a defense study needs malicious users, got "
+                          f"{cfg.users.malicious_fraction!r} of {cfg.users.num_users} users")
+    if spec.kind == "attack" and max_malicious_users(cfg, budget) < 1:
+        raise ConfigError(f"--max-malicious-fraction: {budget!r} of {cfg.users.num_users} users is less than one user")
+    return name, budget
+
+
+def study_setting(kind: str, cfg: Config, budget: float) -> dict:
+    """What a study must keep between runs: its kind, base config (bar tracking) and budget."""
+    config = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    return json.loads(json.dumps({"kind": kind, "config": config, "max_malicious_fraction": budget}))
+
+
+def first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} was {a!r}, now {b!r}"
+    return ""
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so that trials of dead processes can be failed."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_PERIOD_S,
+                                              heartbeat_stale_trial_callback=end_stale_mlflow_run)
+    except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
+        raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+
+
+def end_stale_mlflow_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial failed for a stale heartbeat: its MLflow run died with it."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+    log.info("trial %d of a process that died marked FAIL", trial.number)
+
+
+def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    stored = study.user_attrs.get("setting")
+    if stored is None:
+        study.set_user_attr("setting", setting)
+    elif stored != setting:
+        raise ConfigError(f"--study-name {name}: the study was made with another setting "
+                          f"({first_difference(stored, setting)}); pick a new --study-name")
+    # re-seeded on every resume, so that a continued study does not replay its first samples
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
+    return study
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def child_run(experiment_id: str, run_name: str, tags: dict[str, str]):
+    """A nested MLflow run: FINISHED when complete or pruned, KILLED on Ctrl-C, FAILED on an error."""
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags, nested=True)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except optuna.TrialPruned:
+        status = "FINISHED"
+        mlflow.set_tag("optuna_state", "PRUNED")
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        mlflow.set_tag("optuna_state", "FAIL")
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def start_parent_run(study: optuna.Study, experiment_id: str, name: str, kind: str, cfg: Config) -> str:
+    """The study's parent run: the one of an earlier run of the study when it still exists."""
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        try:
+            return mlflow.start_run(run_id=run_id).info.run_id
+        except mlflow.exceptions.MlflowException:
+            log.info("parent run %s of study %s not in this MLflow store: starting a new one", run_id, name)
+    tags = {"optuna_study": name, "kind": f"tune-{kind}", "dataset": cfg.data.name,
+            "git_commit": run_tags(cfg, "auror")["git_commit"]}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{name}", tags=tags)
+    mlflow.log_params({f"base.{k}": v for k, v in cfg.flat().items() if not k.startswith("tracking.")})
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def benign_accuracy(study: optuna.Study, cfg: Config) -> float:
+    """The benign arm's accuracy for the study's config: run once, then read from the study."""
+    if "benign_accuracy" not in study.user_attrs:
+        log.info("benign arm (once per study, for the accuracy drop)")
+        study.set_user_attr("benign_accuracy", run_arm(cfg, "benign", [ProgressLogger("benign")]).metrics["accuracy"])
+    return study.user_attrs["benign_accuracy"]
+
+
+def make_objective(spec: StudySpec, name: str, budget: float, base: Config, benign: float, experiment_id: str,
+                   started: list[int]):
+    def objective(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        overrides = SPACES[spec.kind](trial, base, budget)
+        trial.set_user_attr("overrides", overrides)
+        cfg = load_config(spec.params, [*spec.overrides, *overrides])
+        tags = {**run_tags(cfg, "auror"), "optuna_study": name, "optuna_trial": str(trial.number),
+                "kind": f"tune-{spec.kind}"}
+        with child_run(experiment_id, f"{name}-trial{trial.number}", tags) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params(cfg.flat())
+            callbacks = [ProgressLogger(f"trial {trial.number}"), MlflowRoundLogger(),
+                         TrialReporter(trial, spec.kind, benign), *spec.extra_callbacks]
+            metrics = dict(run_arm(cfg, "auror", callbacks).metrics)
+            metrics["accuracy_drop"] = benign - metrics["accuracy"]
+            value = objective_value(spec.kind, metrics)
+            trial.set_user_attr("metrics", metrics)
+            mlflow.log_metrics({"objective": value, **{k: v for k, v in metrics.items()
+                                                       if v is not None and k not in ("accuracy", "attack_success_rate")}})
+            mlflow.set_tag("optuna_state", "COMPLETE")
+        return value
+
+    return objective
+
+
+def log_study_plots(study: optuna.Study) -> None:
+    """Optimisation history and parameter importances as PNG artifacts of the active (parent) run."""
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    plots = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
+    if completed >= 2:
+        plots["param_importances.png"] = optuna.visualization.matplotlib.plot_param_importances
+    else:
+        log.info("parameter importances need 2 completed trials (have %d): not plotted", completed)
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Some regimes")  # few trials per alpha mode: expected
+                ax = plot(study)
+        except (ValueError, RuntimeError) as err:  # e.g. importances over a search space with no common parameter
+            log.info("%s not plotted: %s", name, err)
+            continue
+        fig = ax.figure
+        fig.tight_layout()
+        mlflow.log_figure(fig, name)
+        plt.close(fig)
+
+
+def write_best_params(study: optuna.Study, spec: StudySpec, name: str, reports_dir: str) -> Path | None:
+    """The best trial's full config as a params file for ``auror run --params``."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        log.info("study %s has no completed trial: no best-params file", name)
+        return None
+    cfg = load_config(spec.params, [*spec.overrides, *best.user_attrs["overrides"]])
+    metrics = best.user_attrs.get("metrics", {})
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
+    path = Path(reports_dir) / f"best_{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Best trial {best.number} of the Optuna study {name} ({spec.kind}): objective {best.value:.4f}\n"
+        f"# auror arm: {shown}\n"
+        f"# Run it: auror run --params {path}\n"
+        + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    )
+    return path
+
+
+def run_study(spec: StudySpec) -> StudyResult:
+    """Create or continue the study, run the missing trials, write the best-params file.
+
+    Raises ``KeyboardInterrupt`` after Ctrl-C, with the running trial marked
+    FAIL and the MLflow parent run KILLED.
+    """
+    base = load_config(spec.params, spec.overrides)
+    name, budget = validate_spec(spec, base)
+    storage = open_storage(spec.storage or DEFAULT_STORAGE)
+    study = open_study(storage, name, study_setting(spec.kind, base, budget), base.seed)
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup_rounds(spec.kind, base))
+    experiment_id = setup_mlflow(base)
+    fail_stale_trials(study)
+    if not study.trials:
+        study.enqueue_trial(baseline_params(spec.kind, base))
+    parent_id = start_parent_run(study, experiment_id, name, spec.kind, base)
+    started: list[int] = []
+    try:
+        mlflow.set_tag("n_trials", str(spec.n_trials))
+        benign = benign_accuracy(study, base)
+        mlflow.log_metric("benign_accuracy", benign)
+        finished = count_finished(study)
+        remaining = max(spec.n_trials - finished, 0)
+        log.info("study %s: %d finished trials of %d, running %d more", name, finished, spec.n_trials, remaining)
+        if remaining > 0:
+            objective = make_objective(spec, name, budget, base, benign, experiment_id, started)
+            # the callback stops at the budget when other processes run trials of the same study
+            study.optimize(objective, n_trials=remaining,
+                           callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=FINISHED)])
+        log_study_plots(study)
+        path = write_best_params(study, spec, name, base.tracking.reports_dir)
+        if path is not None:
+            mlflow.log_metric("best_value", study.best_value)
+            mlflow.set_tag("best_trial", str(study.best_trial.number))
+            mlflow.log_artifact(str(path))
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            fail_running(study, started)
+        mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    return StudyResult(study, path, parent_id, spec.storage or DEFAULT_STORAGE)
+
+
+def fail_running(study: optuna.Study, numbers: list[int]) -> None:
+    """Mark FAIL the trials this process started and left running (Optuna already does it
+    for an interrupt inside the objective; this covers one between trials)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.number in numbers:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

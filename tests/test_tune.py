@@ -1,0 +1,113 @@
+import time
+
+import mlflow
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import tune
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.loop import Callback
+from pipeline.tune import StudySpec, defense_objective, run_study
+from tests.conftest import TINY
+
+
+def tiny_overrides(tmp_path) -> list[str]:
+    return [
+        *TINY,
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"tracking.artifact_dir={tmp_path}/mlruns/artifacts",
+        f"tracking.reports_dir={tmp_path}/reports",
+    ]
+
+
+def tiny_spec(tmp_path, **kw) -> StudySpec:
+    return StudySpec(None, tiny_overrides(tmp_path), storage=f"sqlite:///{tmp_path}/optuna.db", study_name="t",
+                     n_trials=3, **kw)
+
+
+def study_runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=["auror"], output_format="list")
+
+
+class InterruptSecondRun(Callback):
+    """Ctrl-C in the middle of the second trial."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def on_run_start(self, loop) -> None:
+        self.runs += 1
+
+    def on_round_end(self, loop, round_, metrics) -> None:
+        if self.runs == 2 and round_ == 2:
+            raise KeyboardInterrupt
+
+
+def test_defense_objective_is_one_for_a_perfect_defense():
+    assert defense_objective(1.0, 0.0, 0.0, -0.01) == 1.0
+    assert defense_objective(1.0, 0.2, 0.1, 0.05) == pytest.approx(0.65)
+
+
+def test_defense_study_logs_nested_runs_and_writes_best_params(tmp_path):
+    result = run_study(tiny_spec(tmp_path))
+    assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 3
+    assert result.study.trials[0].params["defense.tau"] == 0.5  # the configured setting is the first trial
+
+    runs = study_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    assert parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["optuna_trial"] for c in children) == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" and "objective" in c.data.metrics for c in children)
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "attack_success_rate")] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"optimization_history.png", "param_importances.png", "best_t.yaml"} <= artifacts
+
+    best = load_config(result.best_params_path)  # what `auror run --params` reads
+    assert result.best_params_path == tmp_path / "reports" / "best_t.yaml"
+    assert best.users.num_users == 5 and best.defense.tau == pytest.approx(result.study.best_params["defense.tau"])
+
+
+def test_interrupted_study_resumes_with_finished_trials_kept(tmp_path, monkeypatch, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_spec(tmp_path, extra_callbacks=[InterruptSecondRun()]))
+    first = tiny_spec(tmp_path)
+    storage = tune.open_storage(first.storage)
+    study = tune.optuna.load_study(study_name="t", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    runs = {r.data.tags.get("optuna_trial", "parent"): r.info.status for r in study_runs(tmp_path)}
+    assert runs == {"parent": "KILLED", "0": "FINISHED", "1": "KILLED"}
+
+    # a trial of a process killed with SIGKILL: running, with a heartbeat that stopped
+    monkeypatch.setattr(tune, "GRACE_PERIOD_S", 1)
+    dead = study.ask()
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(1.5)
+
+    # the same command again (through the CLI) runs only the missing trials
+    args = ["tune", "--study-name", "t", "--storage", first.storage, "--n-trials", "3"]
+    assert main([*args, *[a for s in tiny_overrides(tmp_path) for a in ("--set", s)]]) == 0
+    assert "Best params:" in capsys.readouterr().out
+    study = tune.optuna.load_study(study_name="t", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
+                                               TrialState.COMPLETE, TrialState.COMPLETE]
+    parents = [r for r in study_runs(tmp_path) if "optuna_trial" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, reopened
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "both"], "--kind: must be one of defense, attack"),
+    (["--n-trials", "0"], "--n-trials: must be >= 1"),
+    (["--kind", "attack", "--max-malicious-fraction", "0.6"], "--max-malicious-fraction: must be in (0, 0.5)"),
+    (["--study-name", "a/b"], "--study-name: letters, digits"),
+    (["--seeds", "0", "1"], "--seeds: auror tune runs one seed per trial"),
+])
+def test_bad_tune_arguments_exit_2_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", *args, *[a for s in TINY for a in ("--set", s)]]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "mlruns").exists()
