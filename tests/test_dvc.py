@@ -1,0 +1,77 @@
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def dvc_executable() -> str | None:
+    beside = Path(sys.executable).parent / "dvc"  # the venv's, when it is not on PATH
+    return str(beside) if beside.is_file() else shutil.which("dvc")
+
+
+def matrix_items(stage: dict) -> list[dict]:
+    matrix = stage.get("matrix", {})
+    return [dict(zip(matrix, values)) for values in itertools.product(*matrix.values())]
+
+
+def fill(text: str, item: dict) -> str:
+    return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), text)
+
+
+def has_key(values: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
+def stage_params(stage: dict, item: dict) -> list[tuple[str, str]]:
+    """(file, key) for every params entry of one expanded stage."""
+    out = []
+    for entry in stage.get("params", []):
+        if isinstance(entry, str):
+            out.append(("params.yaml", entry))
+        else:
+            out += [(fill(file, item), key) for file, keys in entry.items() for key in keys]
+    return out
+
+
+EXPANDED = [(name, stage, item) for name, stage in PIPELINE["stages"].items() for item in matrix_items(stage)]
+
+
+@pytest.mark.parametrize("name, stage, item", EXPANDED,
+                         ids=[f"{n}@{'-'.join(map(str, i.values()))}" for n, _, i in EXPANDED])
+def test_every_params_key_and_code_dep_exists(name, stage, item):
+    for file, key in stage_params(stage, item):
+        assert has_key(yaml.safe_load((ROOT / file).read_text()), key), f"{name}: {file} has no {key}"
+    # ${section.key} in the command is read from params.yaml, and must be a listed param
+    listed = {key for file, key in stage_params(stage, item) if file == "params.yaml"}
+    for key in re.findall(r"\$\{(?!item\.)([\w.]+)\}", stage["cmd"]):
+        assert key in listed, f"{name}: the command reads {key} but params does not list it"
+    outputs = {fill(next(iter(o)) if isinstance(o, dict) else o, i)
+               for s in PIPELINE["stages"].values() for i in matrix_items(s)
+               for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
+    for dep in stage.get("deps", []):
+        path = fill(dep, item)
+        assert path in outputs or (ROOT / path).exists(), f"{name}: missing dependency {path}"
+
+
+@pytest.mark.skipif(dvc_executable() is None, reason="the dvc executable is not installed (pip install -e '.[dev]')")
+@pytest.mark.skipif(not (ROOT / ".dvc").is_dir(), reason="not a DVC repository (no .dvc/ at the repository root)")
+def test_dvc_parses_the_pipeline():
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run([dvc_executable(), "dag", "--mermaid"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    for stage in ("prepare@digits", "benign@mnist", "attack@gtsrb-0.3", "auror@digits-0.1", "report@gtsrb"):
+        assert stage in out.stdout
