@@ -107,6 +107,13 @@ class FaultsConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What ``auror report`` writes (read by the report alone: DVC reruns only the report stage)."""
+
+    decimals: int = 3  # digits after the point in the Markdown tables
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_dir: str = "mlruns/artifacts"
@@ -124,6 +131,7 @@ class Config:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,6 +260,7 @@ def validate(cfg: Config) -> Config:
     _check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
            "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", p.gamma)
     _validate_faults(cfg)
+    _check(0 <= cfg.report.decimals <= 6, "report.decimals", "must be in [0, 6]", cfg.report.decimals)
     tr = cfg.tracking
     _check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
     _check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",

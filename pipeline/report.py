@@ -5,6 +5,7 @@ malicious fraction, with and without AUROR."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,11 @@ class Setting:
     overrides: list[str] = field(default_factory=list)
     paper: dict | None = None
     malicious_fraction: float | None = None  # x of the plot, for the plain IID FedAvg rows
+
+    @property
+    def slug(self) -> str:
+        """The label as a folder name: ``30% users, DSSGD theta_u = 0.1`` -> ``30-users-dssgd-theta_u-0.1``."""
+        return re.sub(r"[^a-z0-9_.]+", "-", self.label.lower()).strip("-")
 
 
 def paper_settings(cfg: Config) -> list[Setting]:
@@ -72,17 +78,17 @@ COLUMNS = [
 ]
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _cell(value: float | None, decimals: int) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
 
 
-def markdown_table(rows: list[tuple[Setting, dict]]) -> str:
+def markdown_table(rows: list[tuple[Setting, dict]], decimals: int = 3) -> str:
     """One row per setting: our metrics, then the paper's DR / SR / AD."""
     head = ["setting", *(c[0] for c in COLUMNS), "paper DR", "paper SR", "paper AD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for setting, results in rows:
-        ours = [_cell(results[arm][metric]) for _, arm, metric in COLUMNS]
-        paper = [_cell((setting.paper or {}).get(k)) for k in ("DR", "SR", "AD")]
+        ours = [_cell(results[arm][metric], decimals) for _, arm, metric in COLUMNS]
+        paper = [_cell((setting.paper or {}).get(k), decimals) for k in ("DR", "SR", "AD")]
         lines.append("| " + " | ".join([setting.label, *ours, *paper]) + " |")
     return "\n".join(lines)
 
@@ -109,7 +115,8 @@ def benign_key(cfg: Config) -> str:
     """What the benign arm depends on: everything but the attack and who attacks
     (the split and the malicious users are drawn from separate generators)."""
     knobs = cfg.to_dict()
-    knobs.pop("attack")
+    for section in ("attack", "tracking", "report"):  # where a setting's runs write does not change them
+        knobs.pop(section)
     knobs["users"].pop("malicious_fraction")
     return json.dumps(knobs, sort_keys=True)
 
@@ -133,12 +140,16 @@ def run_report(params: str | None, overrides: list[str], seeds: list[int] | None
                from_dir: str | Path | None = None) -> Path:
     """Run every paper setting of the configured dataset (or, with ``from_dir``, read
     the DVC stages' outputs there); write ``<reports_dir>/<dataset>.md``, ``.json``
-    and ``_sr.png``. Returns the Markdown path."""
+    and ``_sr.png``, and each setting's own run outputs (``latest.json``, ``rounds.csv``,
+    plots) under ``<reports_dir>/<dataset>/<setting>/``. Returns the Markdown path."""
     from pipeline.experiment import run_experiment
 
     base = load_config(params, overrides)
     settings = paper_settings(base)
-    configs = [load_config(params, [*overrides, *s.overrides]) for s in settings]  # validate all first
+    # validate all first; each setting's runs write their latest.json, rounds.csv and plots in a folder of their own
+    configs = [load_config(params, [*overrides, *s.overrides,
+                                    f"tracking.reports_dir={Path(base.tracking.reports_dir) / base.data.name / s.slug}"])
+               for s in settings]
     benign: dict[str, dict] = {}  # settings that differ only in the attack share one benign arm
     rows = []
     for setting, cfg in zip(settings, configs):
@@ -172,7 +183,7 @@ def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, s
         f"# {name}: AUROR against targeted poisoning ({base.attack.source_class} -> {base.attack.target_class})\n\n"
         f"Produced by `{command}` (seeds {seeds_text}; mean over seeds).\n\n"
         + (f"**{status}**\n\n" if status else "")
-        + f"{markdown_table(rows)}\n\n"
+        + f"{markdown_table(rows, base.report.decimals)}\n\n"
         "SR: attack success rate; AD: accuracy drop against the benign arm; DR / FPR: AUROR's detection / "
         "false-positive rate. The paper does not say whether its SR is measured with or without the "
         "defense: both are shown.\n\n"

@@ -232,8 +232,8 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
 
 
 def study_setting(kind: str, cfg: Config, budget: float) -> dict:
-    """What a study must keep between runs: its kind, base config (bar tracking) and budget."""
-    config = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    """What a study must keep between runs: its kind, base config (bar tracking and report) and budget."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
     return json.loads(json.dumps({"kind": kind, "config": config, "max_malicious_fraction": budget}))
 
 

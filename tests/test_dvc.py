@@ -75,3 +75,9 @@ def test_dvc_parses_the_pipeline():
     assert out.returncode == 0, out.stderr
     for stage in ("prepare@digits", "benign@mnist", "attack@gtsrb-0.3", "auror@digits-0.1", "report@gtsrb"):
         assert stage in out.stdout
+
+
+def test_only_the_report_stages_read_the_report_params():
+    readers = {name for name, stage, item in EXPANDED
+               if any(key.startswith("report.") for _, key in stage_params(stage, item))}
+    assert readers == {"report"}

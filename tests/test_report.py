@@ -26,6 +26,8 @@ def test_markdown_table_puts_the_paper_beside_ours():
     header, _, row = table.splitlines()
     assert header.count("|") == row.count("|")
     assert row == "| 30% | 0.900 | 0.700 | 0.050 | 1.000 | - | 0.010 | 0.000 | 1.000 | 0.690 | 0.050 |"
+    row = markdown_table([(Setting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)], decimals=1)
+    assert row.splitlines()[2] == "| 30% | 0.9 | 0.7 | 0.1 | 1.0 | - | 0.0 | 0.0 | 1.0 | 0.7 | 0.1 |"
 
 
 def test_report_on_a_tiny_config_writes_table_plot_and_json(tmp_path, monkeypatch):
@@ -37,3 +39,14 @@ def test_report_on_a_tiny_config_writes_table_plot_and_json(tmp_path, monkeypatc
     assert (tmp_path / "reports" / "digits_sr.png").stat().st_size > 1000
     assert set(json.loads((tmp_path / "reports" / "digits.json").read_text())) == {
         "10% malicious users", "20% malicious users", "30% malicious users"}
+    # every setting's runs write in a folder of their own, not over the default run's reports/latest.json
+    assert not (tmp_path / "reports" / "latest.json").exists()
+    for slug in ("10-malicious-users", "20-malicious-users", "30-malicious-users"):
+        assert set(json.loads((tmp_path / "reports" / "digits" / slug / "latest.json").read_text())) == {
+            "attack", "auror"}
+    # the three settings differ only in the attack: one benign arm serves them all
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert sorted(runs["tags.arm"]).count("benign") == 1 and len(runs) == 7
