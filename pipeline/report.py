@@ -96,9 +96,12 @@ def markdown_table(rows: list[tuple[Setting, dict]], decimals: int = 3) -> str:
 def plot_sr(rows: list[tuple[Setting, dict]], path: Path, title: str) -> Path:
     points = sorted((s.malicious_fraction, r) for s, r in rows if s.malicious_fraction is not None)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for arm, label in (("attack", "no defense"), ("auror", "AUROR"), ("benign", "no attack")):
-        ax.plot([x for x, _ in points], [r[arm]["attack_success_rate"] for _, r in points], marker="o", label=label)
-    ax.set_xlabel("fraction of malicious users")
+    # AUROR's curve often lies on the no-attack one: distinct markers and dashes keep both visible
+    for arm, label, style in (("attack", "no defense", "o-"), ("auror", "AUROR", "s--"), ("benign", "no attack", "^:")):
+        ax.plot([x for x, _ in points], [r[arm]["attack_success_rate"] for _, r in points], style, label=label,
+                markersize=8 if arm == "auror" else 5, fillstyle="none" if arm == "auror" else "full")
+    ax.set_xticks([x for x, _ in points], [f"{x:.0%}" for x, _ in points])
+    ax.set_xlabel("malicious users")
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
