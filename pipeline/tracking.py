@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -69,12 +70,19 @@ class MlflowRoundLogger(Callback):
 
 
 class ProgressLogger(Callback):
-    """One line every ``every`` rounds (and at the last one)."""
+    """One line every ``every`` rounds, at the last one, and whenever ``quiet_s`` seconds
+    passed without one (slow rounds, e.g. the GTSRB CNN on a CPU, still show progress)."""
 
-    def __init__(self, arm: str, every: int = 10) -> None:
-        self.arm, self.every = arm, every
+    def __init__(self, arm: str, every: int = 10, quiet_s: float = 15.0) -> None:
+        self.arm, self.every, self.quiet_s = arm, every, quiet_s
+        self.started = self.last = time.monotonic()
+
+    def on_run_start(self, loop: CollaborativeLoop) -> None:
+        self.started = self.last = time.monotonic()
 
     def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
-        if round_ % self.every == 0 or round_ == loop.rounds:
-            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %.3f", self.arm, round_, loop.rounds,
-                     metrics["accuracy"], metrics["attack_success_rate"])
+        now = time.monotonic()
+        if round_ % self.every == 0 or round_ == loop.rounds or now - self.last >= self.quiet_s:
+            self.last = now
+            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %.3f  (%.0f s)", self.arm, round_,
+                     loop.rounds, metrics["accuracy"], metrics["attack_success_rate"], now - self.started)
