@@ -90,6 +90,17 @@ MALICIOUS_EPOCHS_RANGE = (1, 5)
 LR_MULTIPLIER_RANGE = (0.5, 4.0)
 
 
+def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with the traceback of wherever it was: keep its one-line
+    "trial failed" message, drop the traceback (the interrupt is the user's, not an error)."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_ctrl_c)
+
+
 # -- objectives: pure functions of an arm's metrics ------------------------------------------------
 
 def defense_objective(detection_rate: float, false_positive_rate: float, attack_success_rate: float,
