@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -248,6 +249,15 @@ def log_model(result: ArmResult) -> None:
     """
     import mlflow.pytorch  # slow import, only where a model is logged
 
-    mlflow.pytorch.log_model(result.module.eval(), name="model", input_example=result.example.numpy(),
-                             serialization_format="pt2",
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    # torch.export's notes on a CPU model traced with one example are noise to the user
+    export_log = logging.getLogger("torch._export.non_strict_utils")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            mlflow.pytorch.log_model(result.module.eval(), name="model", input_example=result.example.numpy(),
+                                     serialization_format="pt2",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:
+        export_log.setLevel(level)
