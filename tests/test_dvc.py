@@ -81,3 +81,35 @@ def test_only_the_report_stages_read_the_report_params():
     readers = {name for name, stage, item in EXPANDED
                if any(key.startswith("report.") for _, key in stage_params(stage, item))}
     assert readers == {"report"}
+
+
+def project_modules_imported_by(module: str) -> set[str]:
+    """Files of the project's packages that importing ``module`` loads (in a fresh interpreter)."""
+    code = (f"import sys, {module}\n"
+            "for m in list(sys.modules.values()):\n"
+            "    f = getattr(m, '__file__', None) or ''\n"
+            "    print(f)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    files = {Path(line).resolve() for line in out.stdout.splitlines() if line.endswith(".py")}
+    return {str(f.relative_to(ROOT)) for f in files
+            if f.is_relative_to(ROOT) and f.parts[len(ROOT.parts)] in ("pipeline", "datamodules", "lightning_modules")
+            and f.name != "__init__.py"}
+
+
+# what an arm stage may leave out although the experiment imports it: the defense's modules
+# (only the auror arm runs them) and the other datasets' datamodules
+AUROR_ONLY = {"pipeline/auror.py", "pipeline/clustering.py", "pipeline/defenses.py"}
+DATAMODULES = {f"datamodules/{name}.py" for name in ("digits", "mnist", "gtsrb")}
+
+
+@pytest.mark.parametrize("arm", ["benign", "attack", "auror"])
+def test_arm_stages_depend_on_every_module_the_run_imports(arm):
+    imported = project_modules_imported_by("pipeline.experiment")
+    for item in matrix_items(PIPELINE["stages"][arm]):
+        deps = {fill(d, item) for d in PIPELINE["stages"][arm]["deps"]}
+        covered = {f for f in imported if f in deps or f.split("/")[0] in deps}
+        missing = imported - covered - (DATAMODULES - {f"datamodules/{item['dataset']}.py"})
+        if arm != "auror":
+            missing -= AUROR_ONLY
+        assert not missing, f"{arm}@{item}: the run imports {sorted(missing)}, not listed in deps"
