@@ -86,7 +86,7 @@ def test_interrupted_study_resumes_with_finished_trials_kept(tmp_path, monkeypat
     monkeypatch.setattr(tune, "GRACE_PERIOD_S", 1)
     dead = study.ask()
     storage.record_heartbeat(dead._trial_id)
-    time.sleep(1.5)
+    time.sleep(2.5)  # past the 1 s grace period by more than a second: SQLite's now() has whole seconds
 
     # the same command again (through the CLI) runs only the missing trials
     args = ["tune", "--study-name", "t", "--storage", first.storage, "--n-trials", "3"]
