@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -24,6 +24,20 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be read (truncated, from another version); one line, like a config error."""
 
 
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``:
+    a process killed at any moment leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # interrupted before the rename
+            os.unlink(tmp)
+
+
 class Checkpoint:
     """The checkpoint file at ``path`` (created on the first :meth:`save`)."""
 
@@ -31,15 +45,7 @@ class Checkpoint:
         self.path = Path(path)
 
     def save(self, state: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):  # interrupted before the rename
-                os.unlink(tmp)
+        write_atomic(self.path, lambda f: torch.save(state, f))
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` when there is no checkpoint yet."""

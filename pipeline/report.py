@@ -124,6 +124,13 @@ def benign_key(cfg: Config) -> str:
     return json.dumps(knobs, sort_keys=True)
 
 
+def with_accuracy_drops(results: dict[str, dict]) -> dict[str, dict]:
+    """Set the attack and auror arms' ``accuracy_drop`` against the benign arm in ``results``; return it."""
+    for arm in ("attack", "auror"):
+        results[arm]["accuracy_drop"] = results["benign"]["accuracy"] - results[arm]["accuracy"]
+    return results
+
+
 def collect_results(setting: Setting, root: Path) -> dict | None:
     """One setting's arms from the DVC stages' outputs under ``root``: ``benign/latest.json``
     and ``f<malicious fraction>/{attack,auror}/latest.json``; ``None`` when the pipeline has none."""
@@ -134,9 +141,7 @@ def collect_results(setting: Setting, root: Path) -> dict | None:
     if not all((f / "latest.json").is_file() for f in files.values()):
         return None
     results = {arm: json.loads((f / "latest.json").read_text())[arm] for arm, f in files.items()}
-    for arm in ("attack", "auror"):  # the stages ran apart: the drop against the benign stage
-        results[arm]["accuracy_drop"] = results["benign"]["accuracy"] - results[arm]["accuracy"]
-    return results
+    return with_accuracy_drops(results)  # the stages ran apart: the drop against the benign stage
 
 
 def run_report(params: str | None, overrides: list[str], seeds: list[int] | None, command: str,
@@ -164,9 +169,7 @@ def run_report(params: str | None, overrides: list[str], seeds: list[int] | None
         key = benign_key(cfg)
         if key not in benign:
             benign[key] = run_experiment(cfg, seeds, arms=("benign",))["benign"]
-        results = {"benign": benign[key], **run_experiment(cfg, seeds, arms=("attack", "auror"))}
-        for arm in ("attack", "auror"):
-            results[arm]["accuracy_drop"] = results["benign"]["accuracy"] - results[arm]["accuracy"]
+        results = with_accuracy_drops({"benign": benign[key], **run_experiment(cfg, seeds, arms=("attack", "auror"))})
         rows.append((setting, results))
         if from_dir is None and len(rows) < len(settings):  # a long report shows its rows as they come
             write_report(rows, base, command, seeds, f"In progress: {len(rows)} of {len(settings)} settings done.")

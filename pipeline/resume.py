@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, write_atomic
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.tracking import absolute_uri, run_name, run_tags
 
@@ -53,17 +51,6 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, resume_id: str) -> None:
         super().__init__(resume_id)
         self.resume_id = resume_id
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -101,7 +88,7 @@ class Invocation:
         return invocation
 
     def _write(self) -> None:
-        _write_atomic(self.folder / RECORD, json.dumps(self.record, indent=1) + "\n")
+        write_atomic(self.folder / RECORD, lambda f: f.write((json.dumps(self.record, indent=1) + "\n").encode()))
 
     def run_id(self, seed: int, arm: str) -> str | None:
         return self.record["runs"].get(f"{seed}/{arm}")

@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
