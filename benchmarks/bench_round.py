@@ -29,7 +29,8 @@ when it is absent, random data of the same shape is used (timings do not
 depend on pixel values) and a note says so.
 
 Run: ``.venv/bin/python benchmarks/bench_round.py`` (``--help`` for options;
-``--users 3 --samples 64 --repeats 1 --trainer-repeats 1`` is a smoke run).
+``--users 3 --samples 64 --repeats 1 --trainer-repeats 1`` is a smoke run;
+``--device cuda`` times the same on a GPU).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.mlp import MLPClassifier
+from pipeline.config import ConfigError
 from pipeline.local_training import train_users, user_batches
+from pipeline.loop import describe_device, select_device
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -73,17 +76,25 @@ def load_mnist(num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
         return x, y, f"NOTE: MNIST not found under {root} ({type(error).__name__}); random data of the same shape"
 
 
-def interleaved_times(candidates: dict, repeats: dict[str, int]) -> dict[str, tuple[float, float]]:
+def interleaved_times(candidates: dict, repeats: dict[str, int],
+                      device: torch.device = torch.device("cpu")) -> dict[str, tuple[float, float]]:
     """Warm every candidate up once, then time them in turns (so that a burst of load
-    on a shared machine hits all of them alike): ``{name: (best, median)}`` seconds."""
+    on a shared machine hits all of them alike): ``{name: (best, median)}`` seconds.
+    On CUDA each time waits for the GPU to finish."""
+    def done() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for fn in candidates.values():
         fn()
+    done()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for turn in range(max(repeats.values())):
         for name, fn in candidates.items():
             if turn < repeats[name]:
                 start = time.perf_counter()
                 fn()
+                done()
                 times[name].append(time.perf_counter() - start)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
@@ -104,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trainer-repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, cuda:N or auto")
     args = parser.parse_args(argv)
+    try:
+        device = select_device(args.device, key="--device")
+    except ConfigError as err:
+        parser.error(str(err))
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -115,16 +131,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     U, n, B = args.users, args.samples, args.batch_size
     x, y, note = load_mnist(U * n, args.seed)
+    x, y = x.to(device), y.to(device)
     user_indices = list(torch.arange(U * n).split(n))
     steps = math.ceil(n / B)
     torch.manual_seed(args.seed)
-    template = MLPClassifier(x.shape[1], 10, hidden_sizes=args.hidden, lr=args.lr)
+    template = MLPClassifier(x.shape[1], 10, hidden_sizes=args.hidden, lr=args.lr).to(device)
     global_params = parameters_to_vector(template.parameters()).detach().clone()
     ones = torch.ones(U)
     print(f"data: {note}")
     print(f"setting: {U} users x {n} samples, 1 epoch, batch {B} ({steps} steps), "
           f"MLP {x.shape[1]}-{'-'.join(map(str, args.hidden))}-10 tanh, SGD lr {args.lr}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {describe_device(device)}")
 
     round_counter = iter(range(1, 10**6))
 
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     union_order = torch.randperm(U * n, generator=torch.Generator().manual_seed(args.seed))
     union_batches = union_order.repeat(math.ceil(steps * U * B / (U * n)))[: steps * U * B].view(steps, U * B)
+    union_batches = union_batches.to(device)
 
     def bound() -> None:
         module = fresh_module(template, global_params)
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             module = fresh_module(template, global_params)
             optimizer = module.make_optimizer(module.parameters())
             for batch in schedule_fixed[:, user]:
-                batch = batch[batch >= 0]
+                batch = batch[batch >= 0].to(device)
                 optimizer.zero_grad()
                 module.loss(module(x[batch]), y[batch]).backward()
                 optimizer.step()
@@ -163,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             module = fresh_module(template, global_params)
             loader = DataLoader(TensorDataset(x[indices], y[indices]), batch_size=B, shuffle=True)
             trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                 enable_model_summary=False, accelerator="cpu")
+                                 enable_model_summary=False, accelerator="gpu" if device.type == "cuda" else "cpu",
+                                 devices=[device.index or 0] if device.type == "cuda" else "auto")
             trainer.fit(module, loader)
 
     candidates = {
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "plain loop": plain_loop, "trainer loop": trainer_loop,
     }
     repeats = {name: args.trainer_repeats if name == "trainer loop" else args.repeats for name in candidates}
-    times = interleaved_times(candidates, repeats)
+    times = interleaved_times(candidates, repeats, device)
     print(f"{'':28s} {'best s':>8s} {'median s':>9s}")
     for name, (best, median) in times.items():
         print(f"{name:28s} {best:8.3f} {median:9.3f}")

@@ -70,7 +70,7 @@ class Auror:
         if any(np.isinf(matrix[:, i : i + self.chunk_size]).any() for i in chunks):
             raise ValueError("updates contain Inf; mark missing or faulty values as NaN")
         clusters = two_means_1d(values.T)
-        distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0)
+        distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0).cpu()  # clustered on the input's device
         if self.alpha_mode == "absolute":
             self.threshold_ = float(self.alpha)
         else:

@@ -5,7 +5,8 @@ renamed over the previous checkpoint (``os.replace`` is atomic), so a run
 killed at any moment leaves either the previous round's checkpoint or this
 one's, never half a file. Read with ``torch.load(weights_only=True)``: a
 checkpoint holds only tensors, lists, dicts, numbers, strings and ``None``,
-and loading one runs no pickled code.
+and loading one runs no pickled code. Tensors are loaded onto the CPU, so a
+run checkpointed on a GPU resumes on any machine (the loop moves them back).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Checkpoint:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, weights_only=True)
+            state = torch.load(self.path, weights_only=True, map_location="cpu")  # also where no GPU is
         except Exception as err:  # noqa: BLE001 - truncated, not a torch file, unsafe content: all the same here
             reason = " ".join(str(err).split())[:200]
             raise CheckpointError(f"{self.path}: unreadable checkpoint ({reason}); delete it to restart that "

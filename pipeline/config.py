@@ -84,6 +84,7 @@ class TrainingConfig:
     batch_size: int = 16
     lr: float = 0.1
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+    device: str = "auto"  # auto (a CUDA GPU when PyTorch sees one, else the CPU) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -242,6 +243,7 @@ def validate(cfg: Config) -> Config:
     _check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
     _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
            "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
+    check_device_name(t.device, "training.device")
     _check(df.alpha_mode in ALPHA_MODES, "defense.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}", df.alpha_mode)
     if df.alpha_mode == "quantile":
         _check(0 <= df.alpha < 1, "defense.alpha", "must be in [0, 1) with alpha_mode=quantile", df.alpha)
@@ -288,6 +290,11 @@ def _validate_faults(cfg: Config) -> None:
            f"must be rounds in [1, training.rounds={rounds}] (empty: every round)", f.rounds)
     _check(_positive(f.huge_scale), "faults.huge_scale", "must be a finite number > 0", f.huge_scale)
     _check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
+
+
+def check_device_name(name: str, key: str) -> None:
+    """A device name ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else a :class:`ConfigError` naming ``key``."""
+    _check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name) is not None, key, "must be auto, cpu, cuda or cuda:N", name)
 
 
 def _positive(value: float) -> bool:

@@ -45,7 +45,8 @@ class AurorCallback(Callback):
         self.report = state["report"]
 
     def _detect(self, uploads: Uploads) -> None:
-        window = torch.stack(self._window)  # (rounds, users, parameters); NaN: not uploaded (or left out)
+        # (rounds, users, parameters); NaN: not uploaded (or left out). Rounds restored from a checkpoint are on the CPU
+        window = torch.stack([w.to(uploads.updates.device) for w in self._window])
         self._window = []
         # a user absent from every window round gets an all-NaN row: no feature, score 0, never flagged
         features = window.nanmean(0) if self.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)

@@ -29,7 +29,7 @@ from pipeline.auror import Auror
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.defenses import AurorCallback
-from pipeline.loop import Callback, CollaborativeLoop, UserBehaviour
+from pipeline.loop import Callback, CollaborativeLoop, UserBehaviour, describe_device, select_device
 from pipeline.metrics import detection_rates
 from pipeline.plots import plot_rounds
 from pipeline.resume import Invocation, RunInterrupted, arm_run
@@ -114,10 +114,11 @@ def user_behaviour(cfg: Config, malicious: torch.Tensor, attacking: bool) -> Use
 
 def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: Checkpoint | None = None) -> ArmResult:
     """Train one arm from scratch (or from ``checkpoint`` when it exists; saved
-    after every round) and evaluate it (no tracking)."""
+    after every round) on ``training.device`` and evaluate it (no tracking).
+    The returned module is on the CPU."""
     attacking = arm != "benign"
     data = build_datamodule(cfg, poison=attacking)
-    torch.manual_seed(cfg.seed)  # the same initial global model in every arm
+    torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
     module = MODELS[cfg.data.name](cfg, data)
     defense = None
     if arm == "auror":
@@ -127,8 +128,10 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
         module, data, user_behaviour(cfg, data.malicious, attacking), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class, cfg.protocol,
         callbacks=[*callbacks, *([defense] if defense else [])], faults=cfg.faults, checkpoint=checkpoint,
+        device=select_device(cfg.training.device),
     )
     metrics: dict[str, float | None] = dict(loop.run())
+    module.cpu()  # logged and exported with a CPU example input
     malicious = data.malicious.nonzero().flatten().tolist()
     detection = {"defense": None, "malicious_users": malicious}
     metrics["detection_rate"] = metrics["false_positive_rate"] = None
@@ -152,7 +155,9 @@ def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = Tr
     continues such an invocation (pass its ``cfg``, ``seeds`` and ``arms``). Ctrl-C
     raises :class:`~pipeline.resume.RunInterrupted`, which names it."""
     arms = [a for a in ARMS if a in arms]  # benign first: the others' accuracy drop needs it
-    for seed in seeds if seeds is not None else [cfg.seed]:  # data errors surface before any run exists
+    # device and data errors surface before any run exists
+    log.info("device: %s", describe_device(select_device(cfg.training.device)))
+    for seed in seeds if seeds is not None else [cfg.seed]:
         build_datamodule(dataclasses.replace(cfg, seed=seed), poison=True)
     experiment_id = setup_mlflow(cfg) if track else None
     invocation = resume

@@ -49,8 +49,9 @@ def inject_faults(uploads: torch.Tensor, faults: FaultsConfig, round_: int, gene
     if not faulty_this_round(faults, round_):
         return uploads
     sent = uploads.clone()
-    half = torch.rand(uploads.shape, generator=generator) < 0.5  # which values a NaN / Inf fault corrupts
-    sign = torch.where(torch.rand(uploads.shape, generator=generator) < 0.5, -1.0, 1.0)
+    # drawn with the CPU generator, then moved: the same faults on every device
+    half = (torch.rand(uploads.shape, generator=generator) < 0.5).to(uploads.device)  # what NaN / Inf corrupts
+    sign = torch.where(torch.rand(uploads.shape, generator=generator) < 0.5, -1.0, 1.0).to(uploads.device)
     for user in faults.nan_users:
         sent[user] = torch.where(half[user], torch.nan, sent[user])
     for user in faults.inf_users:

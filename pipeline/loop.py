@@ -8,6 +8,7 @@ only ever receives :class:`Uploads`: user ids and update tensors, no data.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
 from pipeline.checkpoint import Checkpoint, CheckpointError
-from pipeline.config import FaultsConfig, ProtocolConfig
+from pipeline.config import ConfigError, FaultsConfig, ProtocolConfig, check_device_name
 from pipeline.faults import FAULT_STREAM, faulty_this_round, inject_faults, screen_uploads
 from pipeline.local_training import train_users, user_batches
 from pipeline.masking import (
@@ -31,7 +32,8 @@ log = logging.getLogger("auror")
 
 @dataclass(frozen=True)
 class Uploads:
-    """What the server receives in one round."""
+    """What the server receives in one round, on the loop's device (a callback
+    that keeps tensors across rounds must expect a CPU one after a resume)."""
 
     round: int
     user_ids: torch.Tensor  # (users,)
@@ -63,8 +65,43 @@ PROTOCOL_STREAM = 2**32 - 1
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator: random draws are made on the CPU and then moved, so a
+    run draws the same masks and noise on every device."""
     state = np.random.SeedSequence(keys).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def select_device(name: str = "auto", key: str = "training.device") -> torch.device:
+    """The device of ``training.device``: ``"auto"`` is the first CUDA GPU when
+    PyTorch sees one, else the CPU. Raises :class:`ConfigError`, naming ``key``,
+    for a GPU that is not there.
+
+    On CUDA it also makes PyTorch pick deterministic kernels (cuBLAS needs its
+    workspace setting before its first use), so that the same config and seed
+    give the same metrics there too; an operation with no deterministic kernel
+    only warns.
+    """
+    check_device_name(name, key)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        seen = f"sees {count} CUDA GPU(s)" if count else "sees no CUDA GPU (torch.cuda.is_available() is False)"
+        raise ConfigError(f"{key}: {name!r} asked for, but PyTorch {seen}; use auto or cpu")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """``"cpu (2 threads)"`` or ``"cuda:0 (<GPU name>)"``: what a run's numbers depend on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 def upload(updates: torch.Tensor, protocol: ProtocolConfig, generator: torch.Generator) -> torch.Tensor:
@@ -101,24 +138,30 @@ class CollaborativeLoop:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     # saved at the end of every round; when it exists at the start, the run continues from it
     checkpoint: Checkpoint | None = None
+    # where the model, the data and the server's tensors live (see select_device)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.module.to(self.device)
+        self.train_x, self.train_y, self.test_x, self.test_y = (
+            t.to(self.device) for t in (self.data.train_x, self.data.train_y, self.data.test_x, self.data.test_y))
 
     def evaluate(self) -> dict[str, float]:
         self.module.eval()
         with torch.no_grad():
-            predicted = self.module(self.data.test_x).argmax(1)
+            predicted = self.module(self.test_x).argmax(1)
         self.module.train()
         return {
-            "accuracy": accuracy(predicted, self.data.test_y),
-            "attack_success_rate": attack_success_rate(
-                predicted, self.data.test_y, self.source_class, self.target_class
-            ),
+            "accuracy": accuracy(predicted, self.test_y),
+            "attack_success_rate": attack_success_rate(predicted, self.test_y, self.source_class, self.target_class),
         }
 
     def run(self) -> dict[str, float]:
         """Run every round (from the checkpoint's next one when there is a
         checkpoint); return the final evaluation of the global model."""
-        data, b, protocol = self.data, self.behaviour, self.protocol
-        user_ids = torch.arange(len(data.user_indices))
+        data, b, protocol, device = self.data, self.behaviour, self.protocol, self.device
+        user_ids = torch.arange(len(data.user_indices), device=device)
+        update_scale = b.update_scale.to(device).unsqueeze(1)
         global_params = parameters_to_vector(self.module.parameters()).detach().clone()
         # with theta_d < 1 users keep the parameters they did not download
         local_params = global_params.expand(len(user_ids), -1).clone()
@@ -136,8 +179,8 @@ class CollaborativeLoop:
             generator = seeded_generator(self.seed, round_, PROTOCOL_STREAM)
             start = download_merge(global_params, local_params, protocol.theta_d, generator)
             schedule = user_batches(data.user_indices, b.epochs, self.batch_size, self.seed, round_)
-            local_params = train_users(self.module, start, data.train_x, data.train_y, schedule, b.lr_multipliers)
-            updates = (local_params - start) * b.update_scale.unsqueeze(1)
+            local_params = train_users(self.module, start, self.train_x, self.train_y, schedule, b.lr_multipliers)
+            updates = (local_params - start) * update_scale
             sent = upload(updates, protocol, generator)
             if faulty_this_round(self.faults, round_):  # faulty clients, from the config's faults section
                 sent = inject_faults(sent, self.faults, round_, seeded_generator(self.seed, round_, FAULT_STREAM))
@@ -145,7 +188,8 @@ class CollaborativeLoop:
             screen = screen_uploads(sent, quota, self.faults.max_norm_ratio)
             uploads = Uploads(round_, user_ids, screen.updates)
             rejected = set().union(*(cb.reject(uploads) for cb in self.callbacks))
-            accepted = ~torch.isin(user_ids, torch.tensor(sorted(rejected), dtype=torch.long)) & ~screen.faulty
+            rejected_ids = torch.tensor(sorted(rejected), dtype=torch.long, device=device)
+            accepted = ~torch.isin(user_ids, rejected_ids) & ~screen.faulty
             step = aggregate_per_coordinate(uploads.updates, accepted)
             if not torch.isfinite(step).all():  # finite updates can still overflow float32 when summed
                 log.warning("  round %d: the aggregate overflowed; non-finite coordinates left unchanged", round_)
@@ -188,7 +232,7 @@ class CollaborativeLoop:
     def load_state_dict(self, state: dict[str, Any], local_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Restore a :meth:`state_dict`; returns the global and local parameters."""
         where = self.checkpoint.path if self.checkpoint is not None else "checkpoint"
-        global_params = state["global_params"]
+        global_params = state["global_params"].to(self.device)  # checkpoints are loaded onto the CPU
         if global_params.shape != local_params.shape[1:] or len(state["callbacks"]) != len(self.callbacks):
             raise CheckpointError(f"{where}: saved by a run with another model or defense; delete it to restart "
                                   "that arm from round 1")
@@ -198,4 +242,5 @@ class CollaborativeLoop:
         self.history[:] = state["history"]
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
-        return global_params, state["local_params"] if state["local_params"] is not None else local_params
+        saved_local = state["local_params"]
+        return global_params, saved_local.to(self.device) if saved_local is not None else local_params

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.config import Config
-from pipeline.loop import Callback, CollaborativeLoop
+from pipeline.loop import Callback, CollaborativeLoop, describe_device, select_device
 
 log = logging.getLogger("auror")
 
@@ -55,6 +55,7 @@ def run_tags(cfg: Config, arm: str) -> dict[str, str]:
         "defense": "auror" if arm == "auror" else "none",
         "seed": str(cfg.seed),
         "git_commit": git_commit(),
+        "device": describe_device(select_device(cfg.training.device)),  # CNN metrics depend on it (README)
     }
 
 

@@ -66,7 +66,7 @@ from optuna.trial import TrialState  # noqa: E402
 from pipeline.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.defenses import AurorCallback  # noqa: E402
 from pipeline.experiment import run_arm  # noqa: E402
-from pipeline.loop import Callback, CollaborativeLoop  # noqa: E402
+from pipeline.loop import Callback, CollaborativeLoop, select_device  # noqa: E402
 from pipeline.metrics import detection_rates  # noqa: E402
 from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow  # noqa: E402
 
@@ -238,12 +238,15 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
                           f"{cfg.users.malicious_fraction!r} of {cfg.users.num_users} users")
     if spec.kind == "attack" and max_malicious_users(cfg, budget) < 1:
         raise ConfigError(f"--max-malicious-fraction: {budget!r} of {cfg.users.num_users} users is less than one user")
+    select_device(cfg.training.device)  # a missing GPU is refused before the study starts
     return name, budget
 
 
 def study_setting(kind: str, cfg: Config, budget: float) -> dict:
-    """What a study must keep between runs: its kind, base config (bar tracking and report) and budget."""
+    """What a study must keep between runs: its kind, base config (bar tracking, report and the device: a
+    study may go on on another machine) and budget."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
+    config["training"] = {k: v for k, v in config["training"].items() if k != "device"}
     return json.loads(json.dumps({"kind": kind, "config": config, "max_malicious_fraction": budget}))
 
 

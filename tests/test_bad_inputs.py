@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main
 
@@ -34,8 +35,14 @@ def truncated_mnist(folder: Path) -> None:
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 2049, n) + bytes(100))
 
 
+def without_a_gpu(cwd: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+
+
 NAMED_SETUPS = {
     "-": lambda cwd: None,
+    "a machine without a CUDA GPU": without_a_gpu,
     "empty folder `nodata`": lambda cwd: (cwd / "nodata").mkdir(),
     "truncated MNIST files in `baddata`": lambda cwd: truncated_mnist(cwd / "baddata"),
 }
