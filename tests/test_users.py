@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from datamodules.digits import DigitsDataModule
 from datamodules.users import choose_malicious, iid_partition, poison_targeted
