@@ -32,7 +32,7 @@ def test_auto_is_the_gpu_when_pytorch_sees_one_else_the_cpu():
     assert describe_device(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
 
 
-def test_the_device_is_a_tag_of_every_run():
+def test_run_tags_name_the_device():
     cfg = load_config(None, TINY)
     assert run_tags(cfg, "auror")["device"] == describe_device(torch.device("cpu"))
 
