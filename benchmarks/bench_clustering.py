@@ -5,8 +5,8 @@ For each size -- (a) 30 users x 669,706 features (a 784-512-512-10 MLP) and
 on random updates (standard normal, 6 of the 30 users shifted on a quarter
 of the features so that there is something to find):
 
-- time ``pipeline.clustering.two_means_1d`` (the clustering alone) and
-  ``pipeline.auror.Auror.fit`` (clustering + indicative features + scores),
+- time ``pipeline.defenses.clustering.two_means_1d`` (the clustering alone) and
+  ``pipeline.defenses.auror.Auror.fit`` (clustering + indicative features + scores),
   warmed up once, best of ``--repeats``; also ``two_means_1d`` when half of
   the values are missing (NaN, as when users upload half of their update);
 - time a per-feature loop of scikit-learn ``KMeans(n_clusters=2, n_init=1)``
@@ -50,8 +50,8 @@ import torch
 from sklearn.cluster import KMeans
 
 from lightning_modules.mlp import MLPClassifier
-from pipeline.auror import Auror
-from pipeline.clustering import two_means_1d
+from pipeline.defenses.auror import Auror
+from pipeline.defenses.clustering import two_means_1d
 
 
 def mlp_size(hidden: list[int]) -> int:

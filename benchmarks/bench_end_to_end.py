@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         uri = f"sqlite:///{tmp}/mlflow.db"
         overrides = [f"tracking.tracking_uri={uri}", f"tracking.artifact_dir={tmp}/artifacts",
                      f"tracking.reports_dir={tmp}/reports", "data.download=false", *args.set]
-        command = [sys.executable, "-m", "pipeline.cli", "run", "--params", args.params,
+        command = [sys.executable, "-m", "pipeline.experiment.cli", "run", "--params", args.params,
                    *(a for o in overrides for a in ("--set", o))]
         print(f"$ auror run --params {args.params} {' '.join(args.set)}", flush=True)
         output = Path(tmp, "output.txt")

@@ -50,9 +50,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.mlp import MLPClassifier
-from pipeline.config import ConfigError
-from pipeline.local_training import train_users, user_batches
-from pipeline.loop import describe_device, select_device
+from pipeline.experiment.config import ConfigError
+from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.device import describe_device, select_device
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

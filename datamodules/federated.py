@@ -21,6 +21,9 @@ class FederatedDataModule(pl.LightningDataModule):
     - ``clean_train_y``: the true labels; ``poisoned``: mask of relabelled samples;
     - ``user_indices``: one index tensor into ``train_x`` per user;
     - ``malicious``: boolean tensor, one entry per user;
+    - ``root_indices``: the server's clean root set (FLTrust): ``root_size``
+      training samples drawn uniformly at random without replacement, after
+      the split, and removed from every user's data (empty when ``root_size`` is 0);
     - ``test_x``, ``test_y``: the held-out test set.
 
     The split and the choice of malicious users depend only on ``seed``, so
@@ -42,6 +45,7 @@ class FederatedDataModule(pl.LightningDataModule):
         partition: str = "iid",
         dirichlet_alpha: float = 0.5,
         min_samples: int = 1,
+        root_size: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -54,11 +58,14 @@ class FederatedDataModule(pl.LightningDataModule):
         h = self.hparams
         train_x, train_y, test_x, test_y = self.load_arrays()
         # one generator per purpose, so that changing one never shifts another
-        split_rng, malicious_rng, poison_rng = (np.random.default_rng([h.seed, k]) for k in range(3))
+        split_rng, malicious_rng, poison_rng, root_rng = (np.random.default_rng([h.seed, k]) for k in range(4))
         if h.partition == "dirichlet":
             indices = dirichlet_partition(train_y, h.num_users, h.dirichlet_alpha, h.min_samples, split_rng)
         else:
             indices = iid_partition(len(train_y), h.num_users, split_rng)
+        root = np.sort(root_rng.choice(len(train_y), size=h.root_size, replace=False))
+        if h.root_size:  # the root set is the server's: no user holds those samples
+            indices = [np.setdiff1d(i, root, assume_unique=True) for i in indices]
         malicious = choose_malicious(h.num_users, h.malicious_fraction, malicious_rng)
         labels, poisoned = train_y, np.zeros(len(train_y), dtype=bool)
         if h.poison:
@@ -70,6 +77,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.clean_train_y = torch.as_tensor(train_y)
         self.poisoned = torch.as_tensor(poisoned)
         self.user_indices = [torch.as_tensor(i) for i in indices]
+        self.root_indices = torch.as_tensor(root, dtype=torch.long)
         self.malicious = torch.as_tensor(malicious)
         self.test_x = torch.as_tensor(test_x)
         self.test_y = torch.as_tensor(test_y)

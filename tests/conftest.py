@@ -1,10 +1,10 @@
 import pytest
 
-from pipeline.config import load_config
+from pipeline.experiment.config import load_config
 
 TINY = [
     "users.num_users=5", "users.malicious_fraction=0.4", "training.rounds=4", "training.hidden_sizes=[16]",
-    "defense.window_rounds=2", "training.batch_size=32",
+    "defense.auror.window_rounds=2", "training.batch_size=32",
     "training.device=cpu",  # the same numbers on every machine; tests/test_device.py runs CUDA where there is one
 ]
 

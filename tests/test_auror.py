@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.auror import Auror
+from pipeline.defenses.auror import Auror
 
 
 def synthetic_updates(num_users=20, num_features=5000, planted=(2, 11, 17), seed=0):

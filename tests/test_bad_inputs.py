@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.experiment.cli import main
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 
@@ -44,6 +44,7 @@ NAMED_SETUPS = {
     "-": lambda cwd: None,
     "a machine without a CUDA GPU": without_a_gpu,
     "empty folder `nodata`": lambda cwd: (cwd / "nodata").mkdir(),
+    "empty folder `empty`": lambda cwd: (cwd / "empty").mkdir(),
     "truncated MNIST files in `baddata`": lambda cwd: truncated_mnist(cwd / "baddata"),
 }
 
@@ -85,7 +86,7 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     number, command, setup, message = next(r for r in ROWS if "truncated" in r[2])
     set_up(setup, tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "AUROR_DATA_DIR"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *shlex.split(command)[1:]], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "pipeline.experiment.cli", *shlex.split(command)[1:]], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2
     assert done.stderr == message + "\n" and "Traceback" not in done.stdout

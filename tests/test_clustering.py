@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from pipeline.clustering import two_means_1d
+from pipeline.defenses.clustering import two_means_1d
 
 
 def sse(x: np.ndarray, upper: np.ndarray) -> float:
@@ -117,7 +117,7 @@ def test_chunks_threads_layout_and_dtype_do_not_change_the_result():
 
 def test_torch_path_for_other_devices_matches_the_numpy_path():
     # the CUDA path runs the same steps in torch; run them on CPU here
-    from pipeline.clustering import _chunk_torch
+    from pipeline.defenses.clustering import _chunk_torch
 
     rng = np.random.default_rng(4)
     values = rng.normal(size=(2000, 13)).astype(np.float32)

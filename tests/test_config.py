@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.experiment.cli import main
+from pipeline.experiment.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +33,7 @@ BAD = [
     ("data.name=cifar", "data.name"),
     ("attack.source_class=12", "attack.source_class"),
     ("attack.target_class=1", "attack.target_class"),
-    ("defense.tau=1", "defense.tau"),
-    ("defense.window_rounds=99", "defense.window_rounds"),
-    ("defense.alpha_mode=median", "defense.alpha_mode"),
+    ("defense.auror.tau=1", "defense.auror.tau"),
     ("training.rounds=0", "training.rounds"),
     ("training.lr=abc", "training.lr"),
     ("training.hidden_sizes=[]", "training.hidden_sizes"),
@@ -50,7 +48,7 @@ BAD = [
     ("protocol.upload_selection=smallest", "protocol.upload_selection"),
     ("protocol.epsilon=1", "protocol.gamma"),
     ("protocol.gamma=-1", "protocol.gamma"),
-    ("defense.alpha=nan", "defense.alpha"),
+    ("defense.auror.alpha=nan", "defense.auror.alpha"),
 ]
 
 
@@ -102,3 +100,27 @@ def test_partition_leaving_a_user_too_few_samples_is_a_config_error(tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith("auror: error: users.partition:") and "min_samples=100" in err and err.count("\n") == 1
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("arms, overrides, key", [
+    (["auror"], ["defense.auror.window_rounds=99"], "defense.auror.window_rounds"),
+    (["krum"], ["protocol.theta_u=0.5"], "protocol.theta_u"),
+    (["benign", "nobody"], [], "--arms"),
+])
+def test_an_arm_the_config_cannot_run_is_refused_naming_the_key(arms, overrides, key):
+    from pipeline.experiment.run import check_arms
+
+    cfg = load_config(None, overrides)  # valid on its own: only the arm makes it wrong
+    with pytest.raises(ConfigError) as err:
+        check_arms(cfg, arms)
+    assert str(err.value).startswith(f"{key}: ")
+
+
+def test_partial_uploads_are_refused_only_for_defenses_that_need_whole_updates():
+    from pipeline.defenses import REGISTRY
+    from pipeline.experiment.run import check_arms
+
+    cfg = load_config(None, ["protocol.theta_u=0.5"])
+    partial = [name for name, d in REGISTRY.items() if d.handles_missing and name != "none"]
+    assert {"auror", "median", "trimmed_mean", "norm_clipping"} <= set(partial)
+    assert check_arms(cfg, ["benign", "attack", *partial]) == ["benign", "attack", *partial]

@@ -22,7 +22,7 @@ from datamodules.data_root import DatasetMissingError, resolve_cache_dir, resolv
 from datamodules.gtsrb import GTSRBDataModule, cache_path, decode_images
 from datamodules.mnist import MNISTDataModule
 from lightning_modules.cnn import CNNClassifier
-from pipeline.local_training import train_users, user_batches
+from pipeline.core.local_training import train_users, user_batches
 
 DATA_ROOT = Path(os.environ.get("AUROR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 USERS = dict(num_users=3, malicious_fraction=0.34, source_class=1, target_class=7, poisoned_fraction=1.0,

@@ -10,15 +10,16 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from pipeline.auror import Auror
-from pipeline.checkpoint import Checkpoint
-from pipeline.config import ConfigError, FaultsConfig, ProtocolConfig, load_config
-from pipeline.experiment import MODELS, build_datamodule, run_arm, user_behaviour
-from pipeline.faults import inject_faults
-from pipeline.local_training import train_users, user_batches
-from pipeline.loop import CollaborativeLoop, describe_device, seeded_generator, select_device, upload
-from pipeline.masking import download_merge
-from pipeline.tracking import run_tags
+from pipeline.defenses.auror import Auror
+from pipeline.core.checkpoint import Checkpoint
+from pipeline.experiment.config import ConfigError, FaultsConfig, ProtocolConfig, load_config
+from pipeline.experiment.run import MODELS, build_datamodule, run_arm, user_behaviour
+from pipeline.core.faults import inject_faults
+from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.device import describe_device, seeded_generator, select_device
+from pipeline.core.loop import CollaborativeLoop, upload
+from pipeline.core.masking import download_merge
+from pipeline.experiment.tracking import run_tags
 from tests.conftest import TINY
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; PyTorch sees none here")
@@ -101,8 +102,8 @@ def test_auror_on_cuda_updates_flags_the_same_users_as_on_the_cpu():
 
 @requires_cuda
 def test_a_cuda_run_repeats_exactly_and_agrees_with_the_cpu():
-    cfg_cpu = load_config(None, [*TINY, "users.num_users=10", "training.rounds=10", "defense.window_rounds=3"])
-    cfg_gpu = load_config(None, [*TINY, "users.num_users=10", "training.rounds=10", "defense.window_rounds=3",
+    cfg_cpu = load_config(None, [*TINY, "users.num_users=10", "training.rounds=10", "defense.auror.window_rounds=3"])
+    cfg_gpu = load_config(None, [*TINY, "users.num_users=10", "training.rounds=10", "defense.auror.window_rounds=3",
                                  "training.device=cuda"])
     cpu, gpu, again = run_arm(cfg_cpu, "auror"), run_arm(cfg_gpu, "auror"), run_arm(cfg_gpu, "auror")
     assert gpu.metrics == again.metrics and gpu.history == again.history  # deterministic kernels

@@ -3,8 +3,8 @@ import json
 import mlflow
 import pytest
 
-from pipeline.cli import main
-from pipeline.experiment import ARMS, METRICS, run_experiment
+from pipeline.experiment.cli import main
+from pipeline.experiment.run import DEFAULT_ARMS as ARMS, METRICS, run_experiment
 from tests.conftest import TINY
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from pipeline.auror import Auror
-from pipeline.config import ConfigError, FaultsConfig, load_config
-from pipeline.experiment import run_arm, run_experiment
-from pipeline.faults import inject_faults, screen_uploads
+from pipeline.defenses.auror import Auror
+from pipeline.experiment.config import ConfigError, FaultsConfig, load_config
+from pipeline.experiment.run import run_arm, run_experiment
+from pipeline.core.faults import inject_faults, screen_uploads
 from tests.conftest import TINY
 
 NAN, INF = float("nan"), float("inf")

@@ -6,7 +6,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.digits import DigitsDataModule
 from lightning_modules.mlp import MLPClassifier
-from pipeline.local_training import train_users, user_batches
+from pipeline.core.local_training import train_users, user_batches
 
 
 def small_setup():

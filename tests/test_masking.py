@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.masking import (
+from pipeline.core.masking import (
     add_laplace_noise,
     aggregate_per_coordinate,
     clip,

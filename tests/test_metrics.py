@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.metrics import accuracy, attack_success_rate, detection_rates
+from pipeline.core.metrics import accuracy, attack_success_rate, detection_rates
 
 
 def test_accuracy_and_attack_success_on_hand_made_predictions():

@@ -3,21 +3,24 @@
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from pipeline.config import load_config
-from pipeline.experiment import build_datamodule, run_arm, user_behaviour
+from pipeline.experiment.config import load_config
+from pipeline.experiment.run import build_datamodule, run_arm, user_behaviour
 from lightning_modules.mlp import MLPClassifier
-from pipeline.local_training import train_users, user_batches
-from pipeline.loop import Callback, CollaborativeLoop
+from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.loop import CollaborativeLoop
+from pipeline.defenses import REGISTRY
+from pipeline.defenses.auror import AurorDefense
 from tests.conftest import TINY
 
 
-class RecordUploads(Callback):
-    def __init__(self):
-        self.uploads = []
+class RecordingAuror(AurorDefense):
+    """AUROR that keeps a copy of every round's uploads (what the server saw)."""
 
-    def reject(self, uploads):
-        self.uploads.append(uploads.updates.clone())
-        return set()
+    seen: list[torch.Tensor] = []
+
+    def aggregate(self, uploads):
+        RecordingAuror.seen.append(uploads.updates.clone())
+        return super().aggregate(uploads)
 
 
 def test_default_protocol_is_plain_federated_averaging_bit_for_bit():
@@ -41,13 +44,15 @@ def test_default_protocol_is_plain_federated_averaging_bit_for_bit():
     assert torch.equal(parameters_to_vector(module.parameters()), expected)
 
 
-def test_dssgd_uploads_exactly_theta_u_and_auror_clusters_the_masked_features():
+def test_dssgd_uploads_exactly_theta_u_and_auror_clusters_the_masked_features(monkeypatch):
     cfg = load_config(None, [*TINY, "protocol.theta_u=0.1", "protocol.theta_d=0.5", "protocol.gamma=0.05",
                              "protocol.epsilon=1000"])
-    record = RecordUploads()
-    result = run_arm(cfg, "auror", [record])
-    num_params = record.uploads[0].shape[1]
-    for updates in record.uploads:
+    monkeypatch.setitem(REGISTRY, "auror", RecordingAuror)
+    monkeypatch.setattr(RecordingAuror, "seen", [])
+    result = run_arm(cfg, "auror")
+    num_params = RecordingAuror.seen[0].shape[1]
+    assert len(RecordingAuror.seen) == cfg.training.rounds
+    for updates in RecordingAuror.seen:
         uploaded = ~torch.isnan(updates)
         assert (uploaded.sum(1) == round(0.1 * num_params)).all()
         # clipped to gamma, then noised with scale 2 * gamma * c / epsilon

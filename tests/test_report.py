@@ -1,7 +1,7 @@
 import json
 
-from pipeline.config import load_config
-from pipeline.report import PAPER, Setting, markdown_table, paper_settings, run_report
+from pipeline.experiment.config import load_config
+from pipeline.experiment.report import PAPER, Setting, markdown_table, paper_settings, run_report
 from tests.conftest import TINY
 
 

@@ -14,8 +14,8 @@ import mlflow
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpoint, CheckpointError
-from pipeline.cli import main
+from pipeline.core.checkpoint import Checkpoint, CheckpointError
+from pipeline.experiment.cli import main
 from tests.conftest import TINY
 
 ROUNDS = 4  # training.rounds in TINY
@@ -26,11 +26,11 @@ ARGS = [a for s in TINY for a in ("--set", s)]
 # previous round's checkpoint
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.loop
-    from pipeline.cli import main
+    import pipeline.core.loop
+    from pipeline.experiment.cli import main
 
     sig, n = getattr(signal, sys.argv[1]), int(sys.argv[2])
-    train, calls = pipeline.loop.train_users, []
+    train, calls = pipeline.core.loop.train_users, []
 
     def train_then_signal(*args, **kwargs):
         calls.append(1)
@@ -38,7 +38,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), sig)
         return train(*args, **kwargs)
 
-    pipeline.loop.train_users = train_then_signal
+    pipeline.core.loop.train_users = train_then_signal
     sys.exit(main(["run", *sys.argv[3:]]))
 """)
 

@@ -1,7 +1,7 @@
 import logging
 from types import SimpleNamespace
 
-from pipeline.tracking import ProgressLogger
+from pipeline.experiment.tracking import ProgressLogger
 
 
 def rounds_logged(logger: ProgressLogger, rounds: int, caplog) -> list[int]:

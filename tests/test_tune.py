@@ -4,11 +4,11 @@ import mlflow
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import tune
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.loop import Callback
-from pipeline.tune import StudySpec, defense_objective, run_study
+from pipeline.experiment import tune
+from pipeline.experiment.cli import main
+from pipeline.experiment.config import load_config
+from pipeline.core.loop import Callback
+from pipeline.experiment.tune import StudySpec, defense_objective, run_study
 from tests.conftest import TINY
 
 
@@ -53,7 +53,7 @@ def test_defense_objective_is_one_for_a_perfect_defense():
 def test_defense_study_logs_nested_runs_and_writes_best_params(tmp_path):
     result = run_study(tiny_spec(tmp_path))
     assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 3
-    assert result.study.trials[0].params["defense.tau"] == 0.5  # the configured setting is the first trial
+    assert result.study.trials[0].params["defense.auror.tau"] == 0.5  # the configured setting is the first trial
 
     runs = study_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -69,7 +69,7 @@ def test_defense_study_logs_nested_runs_and_writes_best_params(tmp_path):
 
     best = load_config(result.best_params_path)  # what `auror run --params` reads
     assert result.best_params_path == tmp_path / "reports" / "best_t.yaml"
-    assert best.users.num_users == 5 and best.defense.tau == pytest.approx(result.study.best_params["defense.tau"])
+    assert best.users.num_users == 5 and best.defense.auror.tau == pytest.approx(result.study.best_params["defense.auror.tau"])
 
 
 def test_interrupted_study_resumes_with_finished_trials_kept(tmp_path, monkeypatch, capsys):

@@ -1,23 +1,25 @@
-"""Optuna studies over the experiment: tune AUROR against an attack, or an attack against AUROR.
+"""Optuna studies over the experiment: tune a defense against an attack, or an attack against a defense.
 
-Two kinds of study, both maximised, every trial one run of the ``auror`` arm:
+Two kinds of study, both maximised, every trial one run of the defense's arm
+(``--defense``, default ``auror``; any registered defense):
 
-- ``defense``: searches ``defense.alpha_mode`` (absolute | quantile, each with
-  its own ``alpha`` range), ``defense.alpha``, ``defense.tau`` and
-  ``defense.window_rounds`` against the configured attack. The objective is
-  the scalarisation
+- ``defense``: searches the defense's own parameters (its ``search_space``;
+  AUROR's: ``alpha_mode`` (absolute | quantile, each with its own ``alpha``
+  range), ``alpha``, ``tau`` and ``window_rounds``) against the configured
+  attack. The objective is the scalarisation
 
       DR - FPR - SR - max(AD, 0)
 
-  of the auror arm's detection rate, false-positive rate, attack success rate
+  of the arm's detection rate, false-positive rate, attack success rate
   and accuracy drop against the benign arm (run once per study, its accuracy
   cached in the study). 1 is the ideal (every attacker flagged, no honest
   user, no attack success, no accuracy lost); SR cannot fall below the
-  benign model's own confusion of source as target.
+  benign model's own confusion of source as target. A robust aggregator that
+  flags nobody counts DR = FPR = 0.
 - ``attack``: searches ``attack.poisoned_fraction``, ``attack.boost``,
   ``attack.malicious_epochs``, ``attack.malicious_lr_multiplier`` and the
   number of malicious users (at most ``max_malicious_fraction`` of them)
-  against the configured defense; the objective is the auror arm's SR.
+  against the chosen defense; the objective is the defense arm's SR.
 
 The first trial of a new study is the configured setting itself (a baseline).
 Every round reports its value (the same formula on that round's model and
@@ -63,12 +65,13 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from pipeline.config import Config, ConfigError, load_config  # noqa: E402
-from pipeline.defenses import AurorCallback  # noqa: E402
-from pipeline.experiment import run_arm  # noqa: E402
-from pipeline.loop import Callback, CollaborativeLoop, select_device  # noqa: E402
-from pipeline.metrics import detection_rates  # noqa: E402
-from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow  # noqa: E402
+from pipeline.core.device import select_device  # noqa: E402
+from pipeline.core.loop import Callback, CollaborativeLoop  # noqa: E402
+from pipeline.core.metrics import defense_detection_rates  # noqa: E402
+from pipeline.defenses import REGISTRY  # noqa: E402
+from pipeline.experiment.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.experiment.run import arm_params, check_arms, run_arm  # noqa: E402
+from pipeline.experiment.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow  # noqa: E402
 
 log = logging.getLogger("auror")
 
@@ -79,10 +82,7 @@ GRACE_PERIOD_S = 30  # ... and is presumed dead (FAIL) when the last one is olde
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_trials
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it names the best-params file
 
-# search ranges; alpha's depends on how it is read
-ALPHA_RANGES = {"absolute": (1e-3, 0.5, True), "quantile": (0.5, 0.999, False)}  # low, high, log
-TAU_RANGE = (0.1, 0.9)
-MAX_WINDOW_ROUNDS = 10
+# the attack's search ranges (each defense holds its own)
 POISONED_FRACTION_RANGE = (0.1, 1.0)
 BOOST_RANGE = (1.0, 10.0)
 MALICIOUS_EPOCHS_RANGE = (1, 5)
@@ -121,24 +121,9 @@ def objective_value(kind: str, metrics: dict[str, float | None]) -> float:
 
 # -- search spaces: a trial's parameters as config overrides ---------------------------------------
 
-def max_window_rounds(cfg: Config) -> int:
-    return min(MAX_WINDOW_ROUNDS, cfg.training.rounds)
-
-
 def max_malicious_users(cfg: Config, budget: float) -> int:
     """The most malicious users within ``budget`` (a fraction of the users)."""
     return math.floor(budget * cfg.users.num_users + 1e-9)
-
-
-def suggest_defense(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
-    mode = trial.suggest_categorical("defense.alpha_mode", list(ALPHA_RANGES))
-    low, high, log_scale = ALPHA_RANGES[mode]
-    # one alpha parameter per mode: the two ranges are different quantities
-    alpha = trial.suggest_float(f"defense.alpha[{mode}]", low, high, log=log_scale)
-    tau = trial.suggest_float("defense.tau", *TAU_RANGE)
-    window = trial.suggest_int("defense.window_rounds", 1, max_window_rounds(cfg))
-    return [f"defense.alpha_mode={mode}", f"defense.alpha={alpha!r}", f"defense.tau={tau!r}",
-            f"defense.window_rounds={window}"]
 
 
 def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
@@ -151,24 +136,29 @@ def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]
             f"attack.malicious_lr_multiplier={lr!r}", f"users.malicious_fraction={users / cfg.users.num_users!r}"]
 
 
-SPACES = {"defense": suggest_defense, "attack": suggest_attack}
+def suggest(kind: str, defense: str, trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
+    """A trial's parameters as config overrides: the defense's own search space, or the attack's."""
+    if kind == "defense":
+        return REGISTRY[defense].search_space(trial, cfg)
+    return suggest_attack(trial, cfg, budget)
 
 
-def baseline_params(kind: str, cfg: Config) -> dict:
+def baseline_params(kind: str, defense: str, cfg: Config) -> dict:
     """The configured setting as trial parameters: the first trial of a new study."""
     if kind == "defense":
-        d = cfg.defense
-        return {"defense.alpha_mode": d.alpha_mode, f"defense.alpha[{d.alpha_mode}]": d.alpha, "defense.tau": d.tau,
-                "defense.window_rounds": min(d.window_rounds, max_window_rounds(cfg))}
+        return REGISTRY[defense].baseline(getattr(cfg.defense, defense), cfg)
     a = cfg.attack
     return {"attack.poisoned_fraction": a.poisoned_fraction, "attack.boost": a.boost,
             "attack.malicious_epochs": a.malicious_epochs, "attack.malicious_lr_multiplier": a.malicious_lr_multiplier,
             "users.malicious_users": max(1, round(cfg.users.malicious_fraction * cfg.users.num_users))}
 
 
-def warmup_rounds(kind: str, cfg: Config) -> int:
-    """No pruning before detection can have happened (the largest window searched, or the configured one)."""
-    return max_window_rounds(cfg) if kind == "defense" else cfg.defense.window_rounds
+def warmup_rounds(kind: str, defense: str, cfg: Config) -> int:
+    """No pruning before detection can have happened (for AUROR: the largest window searched, or the configured one)."""
+    cls, params = REGISTRY[defense], getattr(cfg.defense, defense)
+    if kind == "defense":
+        return cls.warmup_rounds(params, cfg)
+    return getattr(params, "window_rounds", 1)
 
 
 # -- per-round reporting ----------------------------------------------------------------------------
@@ -177,7 +167,8 @@ class TrialReporter(Callback):
     """Reports every round's objective to the trial; raises ``TrialPruned`` when the pruner says so.
 
     The round's value uses that round's model and the defense's flags so far
-    (before detection nobody is flagged: DR = FPR = 0).
+    (before detection nobody is flagged: DR = FPR = 0). It measures, so it reads
+    who is malicious (``loop.data.malicious``); the defense never does.
     """
 
     def __init__(self, trial: optuna.Trial, kind: str, benign_accuracy: float) -> None:
@@ -189,11 +180,9 @@ class TrialReporter(Callback):
             raise optuna.TrialPruned(f"pruned at round {round_}")
 
     def round_metrics(self, loop: CollaborativeLoop, metrics: dict[str, float]) -> dict[str, float]:
-        defense = next(cb for cb in loop.callbacks if isinstance(cb, AurorCallback))
-        flagged = torch.zeros_like(loop.data.malicious)
-        flagged[sorted(defense.flagged)] = True
-        dr, fpr = detection_rates(flagged, loop.data.malicious)
-        return {**metrics, "detection_rate": dr, "false_positive_rate": fpr,
+        dr, fpr = defense_detection_rates(type(loop.defense).flags, loop.defense.flagged, loop.excluded,
+                                          loop.data.malicious)
+        return {**metrics, "detection_rate": dr or 0.0, "false_positive_rate": fpr or 0.0,
                 "accuracy_drop": self.benign_accuracy - metrics["accuracy"]}
 
 
@@ -206,6 +195,7 @@ class StudySpec:
     params: str | None
     overrides: list[str]
     kind: str = "defense"
+    defense: str = "auror"  # the defense tuned (kind defense) or attacked (kind attack)
     n_trials: int = 20
     storage: str | None = None  # None: DEFAULT_STORAGE
     study_name: str | None = None
@@ -227,7 +217,14 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
         raise ConfigError(f"--kind: must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if spec.n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {spec.n_trials}")
-    name = spec.study_name or f"{spec.kind}-{cfg.data.name}"
+    if spec.defense not in REGISTRY or spec.defense == "none":
+        known = ", ".join(n for n in REGISTRY if n != "none")
+        raise ConfigError(f"--defense: must be one of {known}, got {spec.defense!r}")
+    check_arms(cfg, [spec.defense])
+    if spec.kind == "defense" and not REGISTRY[spec.defense].search_ranges:
+        raise ConfigError(f"--defense: {spec.defense} has no parameters to search (tune --kind attack against it)")
+    # AUROR's studies keep their historical names (defense-digits); the others carry the defense's
+    name = spec.study_name or "-".join([spec.kind, *([spec.defense] if spec.defense != "auror" else []), cfg.data.name])
     if not STUDY_NAME.match(name):
         raise ConfigError(f"--study-name: letters, digits, '.', '_' and '-' only, got {name!r}")
     budget = cfg.users.malicious_fraction if spec.max_malicious_fraction is None else spec.max_malicious_fraction
@@ -242,12 +239,14 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
     return name, budget
 
 
-def study_setting(kind: str, cfg: Config, budget: float) -> dict:
-    """What a study must keep between runs: its kind, base config (bar tracking, report and the device: a
-    study may go on on another machine) and budget."""
+def study_setting(kind: str, defense: str, cfg: Config, budget: float) -> dict:
+    """What a study must keep between runs: its kind, defense, base config (bar tracking, report, the device
+    (a study may go on on another machine) and the other defenses' sections) and budget."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
     config["training"] = {k: v for k, v in config["training"].items() if k != "device"}
-    return json.loads(json.dumps({"kind": kind, "config": config, "max_malicious_fraction": budget}))
+    config["defense"] = {defense: config["defense"][defense]}
+    return json.loads(json.dumps({"kind": kind, "defense": defense, "config": config,
+                                  "max_malicious_fraction": budget}))
 
 
 def first_difference(old: dict, new: dict, prefix: str = "") -> str:
@@ -327,7 +326,7 @@ def child_run(experiment_id: str, run_name: str, tags: dict[str, str]):
         mlflow.end_run(status)
 
 
-def start_parent_run(study: optuna.Study, experiment_id: str, name: str, kind: str, cfg: Config) -> str:
+def start_parent_run(study: optuna.Study, experiment_id: str, name: str, spec: StudySpec, cfg: Config) -> str:
     """The study's parent run: the one of an earlier run of the study when it still exists."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id:
@@ -335,10 +334,10 @@ def start_parent_run(study: optuna.Study, experiment_id: str, name: str, kind: s
             return mlflow.start_run(run_id=run_id).info.run_id
         except mlflow.exceptions.MlflowException:
             log.info("parent run %s of study %s not in this MLflow store: starting a new one", run_id, name)
-    tags = {"optuna_study": name, "kind": f"tune-{kind}", "dataset": cfg.data.name,
-            "git_commit": run_tags(cfg, "auror")["git_commit"]}
+    tags = {"optuna_study": name, "kind": f"tune-{spec.kind}", "dataset": cfg.data.name, "defense": spec.defense,
+            "git_commit": run_tags(cfg, spec.defense)["git_commit"]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{name}", tags=tags)
-    mlflow.log_params({f"base.{k}": v for k, v in cfg.flat().items() if not k.startswith("tracking.")})
+    mlflow.log_params({f"base.{k}": v for k, v in arm_params(cfg, spec.defense).items() if not k.startswith("tracking.")})
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
 
@@ -355,17 +354,17 @@ def make_objective(spec: StudySpec, name: str, budget: float, base: Config, beni
                    started: list[int]):
     def objective(trial: optuna.Trial) -> float:
         started.append(trial.number)
-        overrides = SPACES[spec.kind](trial, base, budget)
+        overrides = suggest(spec.kind, spec.defense, trial, base, budget)
         trial.set_user_attr("overrides", overrides)
         cfg = load_config(spec.params, [*spec.overrides, *overrides])
-        tags = {**run_tags(cfg, "auror"), "optuna_study": name, "optuna_trial": str(trial.number),
+        tags = {**run_tags(cfg, spec.defense), "optuna_study": name, "optuna_trial": str(trial.number),
                 "kind": f"tune-{spec.kind}"}
         with child_run(experiment_id, f"{name}-trial{trial.number}", tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params(cfg.flat())
+            mlflow.log_params(arm_params(cfg, spec.defense))
             callbacks = [ProgressLogger(f"trial {trial.number}"), MlflowRoundLogger(),
                          TrialReporter(trial, spec.kind, benign), *spec.extra_callbacks]
-            metrics = dict(run_arm(cfg, "auror", callbacks).metrics)
+            metrics = dict(run_arm(cfg, spec.defense, callbacks).metrics)
             metrics["accuracy_drop"] = benign - metrics["accuracy"]
             value = objective_value(spec.kind, metrics)
             trial.set_user_attr("metrics", metrics)
@@ -430,13 +429,14 @@ def run_study(spec: StudySpec) -> StudyResult:
     base = load_config(spec.params, spec.overrides)
     name, budget = validate_spec(spec, base)
     storage = open_storage(spec.storage or DEFAULT_STORAGE)
-    study = open_study(storage, name, study_setting(spec.kind, base, budget), base.seed)
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup_rounds(spec.kind, base))
+    study = open_study(storage, name, study_setting(spec.kind, spec.defense, base, budget), base.seed)
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
+                                               n_warmup_steps=warmup_rounds(spec.kind, spec.defense, base))
     experiment_id = setup_mlflow(base)
     fail_stale_trials(study)
     if not study.trials:
-        study.enqueue_trial(baseline_params(spec.kind, base))
-    parent_id = start_parent_run(study, experiment_id, name, spec.kind, base)
+        study.enqueue_trial(baseline_params(spec.kind, spec.defense, base))
+    parent_id = start_parent_run(study, experiment_id, name, spec, base)
     started: list[int] = []
     try:
         mlflow.set_tag("n_trials", str(spec.n_trials))

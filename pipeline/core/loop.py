@@ -1,53 +1,48 @@
-"""The collaborative rounds: download -> local training -> upload -> callbacks
-(defenses) -> aggregation -> evaluation.
+"""The collaborative rounds: download -> local training -> upload -> the
+server's guard -> the defense's aggregate -> evaluation -> callbacks.
 
-The server side (callbacks' :meth:`Callback.reject` and the aggregation)
-only ever receives :class:`Uploads`: user ids and update tensors, no data.
+The server side (the guard and the defense) only ever receives
+:class:`~pipeline.core.server.Uploads`: user ids and update tensors, no data.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
-from pipeline.checkpoint import Checkpoint, CheckpointError
-from pipeline.config import ConfigError, FaultsConfig, ProtocolConfig, check_device_name
-from pipeline.faults import FAULT_STREAM, faulty_this_round, inject_faults, screen_uploads
-from pipeline.local_training import train_users, user_batches
-from pipeline.masking import (
-    add_laplace_noise, aggregate_per_coordinate, clip, download_merge, laplace_scale, mask_updates, num_kept,
-    upload_mask,
+from pipeline.core.checkpoint import Checkpoint, CheckpointError
+from pipeline.core.device import seeded_generator
+from pipeline.core.faults import FAULT_STREAM, FaultsConfig, faulty_this_round, inject_faults, screen_uploads
+from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.masking import (
+    ProtocolConfig, add_laplace_noise, aggregate_per_coordinate, clip, download_merge, laplace_scale, mask_updates,
+    num_kept, upload_mask,
 )
-from pipeline.metrics import accuracy, attack_success_rate
+from pipeline.core.metrics import accuracy, attack_success_rate
+from pipeline.core.server import Aggregate, ServerInputs, Uploads, parameter_layout, present_rows
 
 log = logging.getLogger("auror")
 
 
-@dataclass(frozen=True)
-class Uploads:
-    """What the server receives in one round, on the loop's device (a callback
-    that keeps tensors across rounds must expect a CPU one after a resume)."""
+class ServerRule(Protocol):
+    """What the loop asks of a defense (see :class:`pipeline.defenses.base.Defense`)."""
 
-    round: int
-    user_ids: torch.Tensor  # (users,)
-    updates: torch.Tensor  # (users, parameters): change of the local parameters; NaN where not uploaded
+    def aggregate(self, uploads: Uploads) -> Aggregate: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Callback:
     """Round-level hooks of :class:`CollaborativeLoop`; override what you need."""
 
     def on_run_start(self, loop: "CollaborativeLoop") -> None: ...
-
-    def reject(self, uploads: Uploads) -> set[int]:
-        """Server side: ids of users whose updates this round must not be aggregated."""
-        return set()
 
     def on_round_end(self, loop: "CollaborativeLoop", round_: int, metrics: dict[str, float]) -> None: ...
 
@@ -62,46 +57,8 @@ class Callback:
 
 # the protocol's random stream in a round, apart from every user's batch stream
 PROTOCOL_STREAM = 2**32 - 1
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator: random draws are made on the CPU and then moved, so a
-    run draws the same masks and noise on every device."""
-    state = np.random.SeedSequence(keys).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def select_device(name: str = "auto", key: str = "training.device") -> torch.device:
-    """The device of ``training.device``: ``"auto"`` is the first CUDA GPU when
-    PyTorch sees one, else the CPU. Raises :class:`ConfigError`, naming ``key``,
-    for a GPU that is not there.
-
-    On CUDA it also makes PyTorch pick deterministic kernels (cuBLAS needs its
-    workspace setting before its first use), so that the same config and seed
-    give the same metrics there too; an operation with no deterministic kernel
-    only warns.
-    """
-    check_device_name(name, key)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type != "cuda":
-        return device
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (device.index or 0) >= count:
-        seen = f"sees {count} CUDA GPU(s)" if count else "sees no CUDA GPU (torch.cuda.is_available() is False)"
-        raise ConfigError(f"{key}: {name!r} asked for, but PyTorch {seen}; use auto or cpu")
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
-
-
-def describe_device(device: torch.device) -> str:
-    """``"cpu (2 threads)"`` or ``"cuda:0 (<GPU name>)"``: what a run's numbers depend on."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
+# the server's root-set batches (FLTrust), apart from every user's batch stream
+ROOT_STREAM = 2**32 - 3
 
 
 def upload(updates: torch.Tensor, protocol: ProtocolConfig, generator: torch.Generator) -> torch.Tensor:
@@ -135,6 +92,12 @@ class CollaborativeLoop:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    # builds the server's rule for the aggregate (a registered defense) from what the server holds;
+    # None: the per-coordinate mean (no defense)
+    make_defense: Callable[[ServerInputs], ServerRule] | None = None
+    # per round, the ids of the users the defense gave no share of the step (of those who uploaded)
+    excluded: list[list[int]] = field(default_factory=list)
+    root_epochs: int = 1  # local epochs of the server on its root set (FLTrust)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     # saved at the end of every round; when it exists at the start, the run continues from it
     checkpoint: Checkpoint | None = None
@@ -145,6 +108,20 @@ class CollaborativeLoop:
         self.module.to(self.device)
         self.train_x, self.train_y, self.test_x, self.test_y = (
             t.to(self.device) for t in (self.data.train_x, self.data.train_y, self.data.test_x, self.data.test_y))
+        self.server = ServerInputs(parameter_layout(self.module), self.seed, self.root_update)
+        self.defense = self.make_defense(self.server) if self.make_defense is not None else None
+
+    def root_update(self, round_: int) -> torch.Tensor:
+        """The server's own update (FLTrust): ``root_epochs`` of local training on its
+        clean root set (``data.root_indices``) from the current global model. Shape (P,)."""
+        root = self.data.root_indices
+        if len(root) == 0:
+            raise RuntimeError("this defense needs a root set, but the data module holds none (data root_size=0)")
+        schedule = user_batches([root], [self.root_epochs], self.batch_size, self.seed, round_, streams=[ROOT_STREAM])
+        start = parameters_to_vector(self.module.parameters()).detach().unsqueeze(0)  # the global model
+        trained = train_users(self.module, start.clone(), self.train_x, self.train_y, schedule,
+                              torch.ones(1, device=self.device))
+        return (trained - start)[0]
 
     def evaluate(self) -> dict[str, float]:
         self.module.eval()
@@ -187,16 +164,19 @@ class CollaborativeLoop:
             # server side: only the uploads from here on; the guard leaves out Inf and outlying updates
             screen = screen_uploads(sent, quota, self.faults.max_norm_ratio)
             uploads = Uploads(round_, user_ids, screen.updates)
-            rejected = set().union(*(cb.reject(uploads) for cb in self.callbacks))
-            rejected_ids = torch.tensor(sorted(rejected), dtype=torch.long, device=device)
-            accepted = ~torch.isin(user_ids, rejected_ids) & ~screen.faulty
-            step = aggregate_per_coordinate(uploads.updates, accepted)
+            if self.defense is None:
+                decision = Aggregate(aggregate_per_coordinate(uploads.updates, present_rows(uploads.updates)))
+            else:
+                decision = self.defense.aggregate(uploads)
+            excluded = present_rows(uploads.updates) & (decision.excluded if decision.excluded is not None else False)
+            self.excluded.append(user_ids[excluded].tolist())
+            step = decision.step
             if not torch.isfinite(step).all():  # finite updates can still overflow float32 when summed
                 log.warning("  round %d: the aggregate overflowed; non-finite coordinates left unchanged", round_)
                 step = torch.where(torch.isfinite(step), step, 0)
             global_params = global_params + step
             vector_to_parameters(global_params.clone(), self.module.parameters())  # it would alias
-            metrics = {**self.evaluate(), "excluded_users": float((~accepted).sum()),
+            metrics = {**self.evaluate(), "excluded_users": float((excluded | screen.faulty).sum()),
                        "faulty_users": float(screen.faulty.sum()), "dropped_users": float(screen.dropped.sum()),
                        "incomplete_users": float(screen.incomplete.sum())}
             if screen.faulty.any() or screen.dropped.any() or screen.incomplete.any():
@@ -226,6 +206,8 @@ class CollaborativeLoop:
             "local_params": local_params if self.protocol.theta_d < 1 else None,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
+            "excluded": self.excluded,
+            "defense": self.defense.state_dict() if self.defense is not None else {},
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
@@ -240,6 +222,9 @@ class CollaborativeLoop:
         vector_to_parameters(global_params.clone(), self.module.parameters())
         torch.set_rng_state(state["torch_rng"])
         self.history[:] = state["history"]
+        self.excluded[:] = state["excluded"]
+        if self.defense is not None:
+            self.defense.load_state_dict(state["defense"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
         saved_local = state["local_params"]

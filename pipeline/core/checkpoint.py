@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.experiment.config import ConfigError
 
 
 class CheckpointError(ConfigError):

@@ -27,3 +27,27 @@ def detection_rates(flagged: torch.Tensor, malicious: torch.Tensor) -> tuple[flo
     dr = flagged[malicious].float().mean().item() if malicious.any() else None
     fpr = flagged[~malicious].float().mean().item() if (~malicious).any() else None
     return dr, fpr
+
+
+def defense_detection_rates(flags: str, flagged: set[int], excluded: list[list[int]],
+                            malicious: torch.Tensor) -> tuple[float | None, float | None]:
+    """A defense's DR and FPR, by how it flags (:attr:`pipeline.defenses.base.Defense.flags`):
+
+    - ``"none"`` (a robust aggregator that excludes nobody): ``None, None``;
+    - ``"run"`` (flags once, as AUROR): :func:`detection_rates` of the ``flagged`` users;
+    - ``"round"``: :func:`detection_rates` of each round's ``excluded`` users, averaged over rounds.
+    """
+    if flags == "none":
+        return None, None
+    rounds = [sorted(flagged)] if flags == "run" else excluded
+    rates = []
+    for ids in rounds:
+        mask = torch.zeros_like(malicious, dtype=torch.bool)
+        mask[ids] = True
+        rates.append(detection_rates(mask, malicious))
+    dr, fpr = zip(*rates) if rates else ((None,), (None,))
+    return _mean(dr), _mean(fpr)
+
+
+def _mean(values) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)

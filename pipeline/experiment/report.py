@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.experiment.config import Config, ConfigError, load_config  # noqa: E402
 
 # The paper's Tables 5 (MNIST, by malicious users) and 6 (GTSRB, by malicious data).
 PAPER = {
@@ -150,9 +150,12 @@ def run_report(params: str | None, overrides: list[str], seeds: list[int] | None
     the DVC stages' outputs there); write ``<reports_dir>/<dataset>.md``, ``.json``
     and ``_sr.png``, and each setting's own run outputs (``latest.json``, ``rounds.csv``,
     plots) under ``<reports_dir>/<dataset>/<setting>/``. Returns the Markdown path."""
-    from pipeline.experiment import run_experiment
+    from pipeline.experiment.run import run_experiment
 
     base = load_config(params, overrides)
+    if from_dir is not None and not Path(from_dir).is_dir():
+        raise ConfigError(f"--from: {from_dir} is not a folder (give the DVC stages' outputs, e.g. "
+                          f"reports/pipeline/{base.data.name})")
     settings = paper_settings(base)
     # validate all first; each setting's runs write their latest.json, rounds.csv and plots in a folder of their own
     configs = [load_config(params, [*overrides, *s.overrides,
@@ -173,6 +176,9 @@ def run_report(params: str | None, overrides: list[str], seeds: list[int] | None
         rows.append((setting, results))
         if from_dir is None and len(rows) < len(settings):  # a long report shows its rows as they come
             write_report(rows, base, command, seeds, f"In progress: {len(rows)} of {len(settings)} settings done.")
+    if not rows:  # never overwrite a report with an empty one
+        raise ConfigError(f"--from: no finished setting under {from_dir} (each needs benign/latest.json and "
+                          f"f<fraction>/{{attack,auror}}/latest.json); nothing written")
     return write_report(rows, base, command, seeds)
 
 

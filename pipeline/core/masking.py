@@ -17,9 +17,21 @@ Shapes: ``updates`` and ``local_params`` are (users, P); ``global_params`` is (P
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+
+@dataclass
+class ProtocolConfig:
+    """Shokri & Shmatikov's DSSGD; the defaults are plain federated averaging."""
+
+    theta_d: float = 1.0  # fraction of the global parameters each user downloads
+    theta_u: float = 1.0  # fraction of its update each user uploads
+    upload_selection: str = "largest"  # largest | random
+    gamma: float = float("inf")  # uploaded values are clipped to [-gamma, gamma]
+    epsilon: float = float("inf")  # privacy budget per round and user; inf: no noise
 
 
 def num_kept(fraction: float, num_params: int) -> int:

@@ -16,9 +16,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line and names the key."""
+from pipeline.core.device import check_device_name
+from pipeline.core.errors import ConfigError
+from pipeline.core.faults import FaultsConfig
+from pipeline.core.masking import ProtocolConfig
+from pipeline.defenses import REGISTRY
 
 
 @dataclass
@@ -53,28 +55,9 @@ class AttackConfig:
     boost: float = 3.0
 
 
-@dataclass
-class DefenseConfig:
-    # how alpha is read: "absolute" centre distance, or the "quantile" of the
-    # observed centre distances over all features
-    alpha_mode: str = "absolute"
-    alpha: float = 0.02
-    tau: float = 0.5
-    window_rounds: int = 3
-    # "mean": one feature per parameter, averaged over the window;
-    # "stack": one feature per (round, parameter)
-    window_reduce: str = "mean"
-
-
-@dataclass
-class ProtocolConfig:
-    """Shokri & Shmatikov's DSSGD; the defaults are plain federated averaging."""
-
-    theta_d: float = 1.0  # fraction of the global parameters each user downloads
-    theta_u: float = 1.0  # fraction of its update each user uploads
-    upload_selection: str = "largest"  # largest | random
-    gamma: float = float("inf")  # uploaded values are clipped to [-gamma, gamma]
-    epsilon: float = float("inf")  # privacy budget per round and user; inf: no noise
+# one section per registered defense, ``defense.<name>``, holding its own parameters dataclass
+DefenseConfig = dataclasses.make_dataclass(
+    "DefenseConfig", [(name, cls.Params, field(default_factory=cls.Params)) for name, cls in REGISTRY.items()])
 
 
 @dataclass
@@ -85,26 +68,6 @@ class TrainingConfig:
     lr: float = 0.1
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
     device: str = "auto"  # auto (a CUDA GPU when PyTorch sees one, else the CPU) | cpu | cuda | cuda:N
-
-
-@dataclass
-class FaultsConfig:
-    """Faulty users, injected on the client side to test the server's
-    robustness (defaults: nobody misbehaves), and the server's norm guard.
-
-    The server never reads the fault lists: it treats NaN as "not uploaded",
-    leaves out for the round any user with an Inf value or an update whose
-    RMS exceeds ``max_norm_ratio`` times the median (see :mod:`pipeline.faults`).
-    """
-
-    nan_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are NaN
-    inf_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are +-Inf
-    dropout_users: list[int] = field(default_factory=list)  # upload nothing
-    huge_users: list[int] = field(default_factory=list)  # their update is multiplied by huge_scale
-    huge_scale: float = 1e6
-    rounds: list[int] = field(default_factory=list)  # the rounds they misbehave in; empty: every round
-    # server side: leave out a user whose update's RMS exceeds this times the median RMS; .inf: no guard
-    max_norm_ratio: float = 100.0
 
 
 @dataclass
@@ -139,22 +102,24 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"section.key": value}``, for logging as MLflow params."""
-        out: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
-        return out
+        """``{"section.key": value}`` (``defense.<name>.key`` for the defenses' sections), for MLflow params."""
+        return _flatten(self.to_dict())
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 DATASETS = {"digits": 10, "mnist": 10, "gtsrb": 43}  # name -> number of classes
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
 PARTITIONS = ("iid", "dirichlet")
 UPLOAD_SELECTIONS = ("largest", "random")
-ALPHA_MODES = ("absolute", "quantile")
-WINDOW_REDUCES = ("mean", "stack")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -244,14 +209,8 @@ def validate(cfg: Config) -> Config:
     _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
            "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
     check_device_name(t.device, "training.device")
-    _check(df.alpha_mode in ALPHA_MODES, "defense.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}", df.alpha_mode)
-    if df.alpha_mode == "quantile":
-        _check(0 <= df.alpha < 1, "defense.alpha", "must be in [0, 1) with alpha_mode=quantile", df.alpha)
-    else:
-        _check(df.alpha >= 0, "defense.alpha", "must be >= 0", df.alpha)
-    _check(0 <= df.tau < 1, "defense.tau", "must be in [0, 1)", df.tau)
-    _check(1 <= df.window_rounds <= t.rounds, "defense.window_rounds", f"must be in [1, training.rounds={t.rounds}]", df.window_rounds)
-    _check(df.window_reduce in WINDOW_REDUCES, "defense.window_reduce", f"must be one of {', '.join(WINDOW_REDUCES)}", df.window_reduce)
+    for name in REGISTRY:
+        getattr(df, name).validate(f"defense.{name}")
     p = cfg.protocol
     for key in ("theta_d", "theta_u"):
         _check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
@@ -292,11 +251,6 @@ def _validate_faults(cfg: Config) -> None:
     _check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
 
 
-def check_device_name(name: str, key: str) -> None:
-    """A device name ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else a :class:`ConfigError` naming ``key``."""
-    _check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name) is not None, key, "must be auto, cpu, cuda or cuda:N", name)
-
-
 def _positive(value: float) -> bool:
     """A finite number > 0 (NaN and inf are not)."""
     return 0 < value < float("inf")
@@ -306,7 +260,7 @@ def parse_override(text: str) -> tuple[list[str], str]:
     """``"attack.boost=2"`` -> ``(["attack", "boost"], "2")``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. attack.malicious_fraction=0.2")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. users.malicious_fraction=0.2")
     return key.strip().split("."), value.strip()
 
 

@@ -26,11 +26,28 @@ the defense sees, i.e. absent for that round.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.config import FaultsConfig
+@dataclass
+class FaultsConfig:
+    """Faulty users, injected on the client side to test the server's
+    robustness (defaults: nobody misbehaves), and the server's norm guard.
+
+    The server never reads the fault lists: it treats NaN as "not uploaded",
+    leaves out for the round any user with an Inf value or an update whose
+    RMS exceeds ``max_norm_ratio`` times the median (see :mod:`pipeline.core.faults`).
+    """
+
+    nan_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are NaN
+    inf_users: list[int] = field(default_factory=list)  # a random half of their uploaded values are +-Inf
+    dropout_users: list[int] = field(default_factory=list)  # upload nothing
+    huge_users: list[int] = field(default_factory=list)  # their update is multiplied by huge_scale
+    huge_scale: float = 1e6
+    rounds: list[int] = field(default_factory=list)  # the rounds they misbehave in; empty: every round
+    # server side: leave out a user whose update's RMS exceeds this times the median RMS; .inf: no guard
+    max_norm_ratio: float = 100.0
 
 # the faults' random stream in a round, apart from the protocol's (2**32 - 1) and every user's batch stream
 FAULT_STREAM = 2**32 - 2

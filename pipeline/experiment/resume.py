@@ -8,7 +8,7 @@ Every ``auror run`` (all its seeds and arms: one *invocation*) gets a folder
 - ``invocation.json``: its seeds and arms, the MLflow run id of every arm
   started, and the final metrics, per-round history and detection report of
   every finished arm (a resume reads them back instead of re-running);
-- ``seed<S>-<arm>.pt``: the :class:`~pipeline.checkpoint.Checkpoint` of the arm
+- ``seed<S>-<arm>.pt``: the :class:`~pipeline.core.checkpoint.Checkpoint` of the arm
   in progress, rewritten after every round, deleted when the arm finishes.
 
 A resume reopens the interrupted arm's MLflow run (same run id, status back to
@@ -31,9 +31,9 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 
-from pipeline.checkpoint import Checkpoint, write_atomic
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.tracking import absolute_uri, run_name, run_tags
+from pipeline.core.checkpoint import Checkpoint, write_atomic
+from pipeline.experiment.config import Config, ConfigError, load_config
+from pipeline.experiment.tracking import absolute_uri, run_name, run_tags
 
 VERSION = 1
 RECORD = "invocation.json"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.config import Config
-from pipeline.loop import Callback, CollaborativeLoop, describe_device, select_device
+from pipeline.experiment.config import Config
+from pipeline.core.device import describe_device, select_device
+from pipeline.core.loop import Callback, CollaborativeLoop
 
 log = logging.getLogger("auror")
 
@@ -52,7 +53,7 @@ def run_tags(cfg: Config, arm: str) -> dict[str, str]:
         "arm": arm,
         "dataset": cfg.data.name,
         "malicious_fraction": str(cfg.users.malicious_fraction),
-        "defense": "auror" if arm == "auror" else "none",
+        "defense": "none" if arm in ("benign", "attack") else arm,
         "seed": str(cfg.seed),
         "git_commit": git_commit(),
         "device": describe_device(select_device(cfg.training.device)),  # CNN metrics depend on it (README)

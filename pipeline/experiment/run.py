@@ -1,8 +1,9 @@
-"""One experiment: the same seed and data split, three arms.
+"""One experiment: the same seed and data split, several arms.
 
 - ``benign``: nobody attacks, no defense (the reference model M_B);
 - ``attack``: the malicious users poison their data, no defense (M_P);
-- ``auror``: the same attack, AUROR on the server (M_A).
+- one arm per registered defense (``auror``, ``krum``, ...): the same attack,
+  that defense on the server (for AUROR, the paper's M_A).
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ from datamodules.gtsrb import GTSRBDataModule
 from datamodules.mnist import MNISTDataModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.mlp import MLPClassifier
-from pipeline.auror import Auror
-from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config, ConfigError
-from pipeline.defenses import AurorCallback
-from pipeline.loop import Callback, CollaborativeLoop, UserBehaviour, describe_device, select_device
-from pipeline.metrics import detection_rates
-from pipeline.plots import plot_rounds
-from pipeline.resume import Invocation, RunInterrupted, arm_run
-from pipeline.tracking import MlflowRoundLogger, ProgressLogger, run_name, setup_mlflow
+from pipeline.core.checkpoint import Checkpoint
+from pipeline.core.device import describe_device, select_device
+from pipeline.core.loop import Callback, CollaborativeLoop, UserBehaviour
+from pipeline.core.metrics import defense_detection_rates
+from pipeline.defenses import REGISTRY
+from pipeline.experiment.config import Config, ConfigError
+from pipeline.experiment.plots import plot_rounds
+from pipeline.experiment.resume import Invocation, RunInterrupted, arm_run
+from pipeline.experiment.tracking import MlflowRoundLogger, ProgressLogger, run_name, setup_mlflow
 
 log = logging.getLogger("auror")
 
-ARMS = ("benign", "attack", "auror")
+# benign and attack run without defense; every other arm is the attack against the defense of that name
+ARMS = ("benign", "attack", *(name for name in REGISTRY if name != "none"))
+DEFAULT_ARMS = ("benign", "attack", "auror")
 ROUND_METRICS = ("accuracy", "attack_success_rate")
 METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
 
@@ -65,9 +68,27 @@ class ArmResult:
     example: torch.Tensor | None = None  # one test input: logging the model traces it
 
 
-def build_datamodule(cfg: Config, poison: bool) -> FederatedDataModule:
+def arm_defense(arm: str) -> str:
+    """The registered defense an arm runs: ``none`` for the benign and attack arms."""
+    return "none" if arm in ("benign", "attack") else arm
+
+
+def check_arms(cfg: Config, arms: Sequence[str]) -> list[str]:
+    """The arms in run order (benign first: the others' accuracy drop needs it); raises
+    :class:`ConfigError` for an unknown arm or a defense the config cannot run (its ``check_config``)."""
+    for arm in arms:
+        if arm not in ARMS:
+            raise ConfigError(f"--arms: must be benign, attack or a registered defense ({', '.join(ARMS[2:])}), "
+                              f"got {arm!r}")
+        name = arm_defense(arm)
+        REGISTRY[name].check_config(getattr(cfg.defense, name), cfg, f"defense.{name}")
+    return [a for a in ARMS if a in arms]
+
+
+def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> FederatedDataModule:
     """Prepare (download when allowed) and set up the users' data.
 
+    ``root_size`` samples are held out as the server's root set (FLTrust).
     Raises ``DatasetMissingError`` when the data cannot be found, and
     :class:`ConfigError` when the partition leaves a user too few samples.
     """
@@ -75,7 +96,7 @@ def build_datamodule(cfg: Config, poison: bool) -> FederatedDataModule:
     data = DATAMODULES[cfg.data.name](
         cfg, num_users=u.num_users, malicious_fraction=u.malicious_fraction, source_class=a.source_class,
         target_class=a.target_class, poisoned_fraction=a.poisoned_fraction, poison=poison, seed=cfg.seed,
-        partition=u.partition, dirichlet_alpha=u.dirichlet_alpha, min_samples=u.min_samples,
+        partition=u.partition, dirichlet_alpha=u.dirichlet_alpha, min_samples=u.min_samples, root_size=root_size,
     )
     data.prepare_data()
     try:
@@ -116,45 +137,42 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
     """Train one arm from scratch (or from ``checkpoint`` when it exists; saved
     after every round) on ``training.device`` and evaluate it (no tracking).
     The returned module is on the CPU."""
-    attacking = arm != "benign"
-    data = build_datamodule(cfg, poison=attacking)
+    name = arm_defense(arm)
+    defense, params = REGISTRY[name], getattr(cfg.defense, name)
+    data = build_datamodule(cfg, poison=arm != "benign", root_size=params.root_size if defense.needs_root_data else 0)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
     module = MODELS[cfg.data.name](cfg, data)
-    defense = None
-    if arm == "auror":
-        d = cfg.defense
-        defense = AurorCallback(Auror(d.alpha, d.tau, d.alpha_mode), d.window_rounds, d.window_reduce)
     loop = CollaborativeLoop(
-        module, data, user_behaviour(cfg, data.malicious, attacking), cfg.training.rounds,
+        module, data, user_behaviour(cfg, data.malicious, arm != "benign"), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class, cfg.protocol,
-        callbacks=[*callbacks, *([defense] if defense else [])], faults=cfg.faults, checkpoint=checkpoint,
-        device=select_device(cfg.training.device),
+        callbacks=list(callbacks), faults=cfg.faults, checkpoint=checkpoint,
+        device=select_device(cfg.training.device), make_defense=lambda server: defense(params, server),
+        root_epochs=cfg.training.local_epochs,
     )
     metrics: dict[str, float | None] = dict(loop.run())
     module.cpu()  # logged and exported with a CPU example input
-    malicious = data.malicious.nonzero().flatten().tolist()
-    detection = {"defense": None, "malicious_users": malicious}
-    metrics["detection_rate"] = metrics["false_positive_rate"] = None
-    if defense is not None:
-        flagged = torch.zeros_like(data.malicious)
-        flagged[sorted(defense.flagged)] = True
-        metrics["detection_rate"], metrics["false_positive_rate"] = detection_rates(flagged, data.malicious)
-        detection = {"defense": "auror", "malicious_users": malicious, **defense.report}
+    metrics["detection_rate"], metrics["false_positive_rate"] = defense_detection_rates(
+        defense.flags, loop.defense.flagged, loop.excluded, data.malicious)
+    detection = {"defense": name, "flags": defense.flags, "malicious_users": data.malicious.nonzero().flatten().tolist(),
+                 **loop.defense.report()}
+    if defense.flags == "round":
+        detection["excluded_per_round"] = loop.excluded
     return ArmResult(arm, metrics, loop.history, detection, module, data.test_x[:1])
 
 
 def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = True,
-                   arms: Sequence[str] = ARMS, resume: Invocation | None = None) -> dict[str, dict[str, float | None]]:
-    """Run the ``arms`` (default: all three) for each seed (default: ``cfg.seed``),
+                   arms: Sequence[str] = DEFAULT_ARMS,
+                   resume: Invocation | None = None) -> dict[str, dict[str, float | None]]:
+    """Run the ``arms`` (default: benign, attack, auror) for each seed (default: ``cfg.seed``),
     log every arm of every seed as an MLflow run (when ``track``), and write the
     final metrics, averaged over the seeds, to ``<reports_dir>/latest.json`` as
     ``{arm: {metric: value}}`` and the per-round metrics to ``<reports_dir>/rounds.csv``.
     Returns the final metrics. Without the benign arm, ``accuracy_drop`` is ``None``.
 
-    When ``track``, every round is checkpointed (:mod:`pipeline.resume`); ``resume``
+    When ``track``, every round is checkpointed (:mod:`pipeline.experiment.resume`); ``resume``
     continues such an invocation (pass its ``cfg``, ``seeds`` and ``arms``). Ctrl-C
-    raises :class:`~pipeline.resume.RunInterrupted`, which names it."""
-    arms = [a for a in ARMS if a in arms]  # benign first: the others' accuracy drop needs it
+    raises :class:`~pipeline.experiment.resume.RunInterrupted`, which names it."""
+    arms = check_arms(cfg, arms)
     # device and data errors surface before any run exists
     log.info("device: %s", describe_device(select_device(cfg.training.device)))
     for seed in seeds if seeds is not None else [cfg.seed]:
@@ -201,7 +219,7 @@ def average(per_seed: list[dict[str, dict[str, float | None]]]) -> dict[str, dic
     }
 
 
-def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = ARMS,
+def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = DEFAULT_ARMS,
               invocation: Invocation | None = None) -> dict[str, ArmResult]:
     reports = Path(cfg.tracking.reports_dir)
     results: dict[str, ArmResult] = {}
@@ -218,7 +236,7 @@ def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = ARMS
             continue
         checkpoint = invocation.checkpoint(cfg.seed, arm) if invocation is not None else None
         with arm_run(experiment_id, cfg, arm, invocation):
-            mlflow.log_params(cfg.flat())
+            mlflow.log_params(arm_params(cfg, arm))
             result = _finish(run_arm(cfg, arm, [*callbacks, MlflowRoundLogger()], checkpoint), results)
             # accuracy and attack success are already logged per round; the last round is the final model
             mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None and k not in ROUND_METRICS})
@@ -227,7 +245,7 @@ def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = ARMS
             mlflow.log_artifact(str(plot_rounds(
                 {arm: result.history}, reports / "plots" / f"{arm}.png", title=run_name(cfg, arm),
                 detection_rounds={arm: result.detection.get("detection_round")})))
-            if arm == "auror":
+            if arm_defense(arm) != "none":
                 log_model(result)
         if invocation is not None:
             invocation.finish_arm(cfg.seed, arm, result.metrics, result.history, result.detection)
@@ -236,6 +254,12 @@ def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = ARMS
                 title=f"{cfg.data.name}, {cfg.users.malicious_fraction:.0%} malicious users, seed {cfg.seed}",
                 detection_rounds={a: r.detection.get("detection_round") for a, r in results.items()})
     return results
+
+
+def arm_params(cfg: Config, arm: str) -> dict:
+    """The config as MLflow params, with only this arm's defense section (the others do not apply)."""
+    own = f"defense.{arm_defense(arm)}."
+    return {k: v for k, v in cfg.flat().items() if not k.startswith("defense.") or k.startswith(own)}
 
 
 def _finish(result: ArmResult, done: dict[str, ArmResult]) -> ArmResult:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
-from pipeline.config import MAX_SEED, ConfigError, load_config
+from pipeline.experiment.config import MAX_SEED, ConfigError, load_config
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -30,19 +30,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         given = [name for name, value in (("--set", args.set), ("--seeds", args.seeds), ("--arms", args.arms)) if value]
         if given:
             raise ConfigError(f"--resume: runs the interrupted run's own config, seeds and arms; drop {given[0]}")
-        from pipeline.resume import open_invocation  # --params (or ./params.yaml) only says where to look
+        from pipeline.experiment.resume import open_invocation  # --params (or ./params.yaml) only says where to look
 
         invocation = open_invocation(args.resume, load_config(args.params))
         cfg, args.seeds, args.arms = invocation.cfg, invocation.seeds, invocation.arms
     else:
         cfg = load_config(args.params, args.set)
-    from pipeline.experiment import ARMS, run_experiment  # heavy imports after validation
+    from pipeline.experiment.run import DEFAULT_ARMS, run_experiment  # heavy imports after validation
 
-    unknown = [a for a in args.arms or [] if a not in ARMS]
-    if unknown:
-        raise ConfigError(f"--arms: must be among {', '.join(ARMS)}, got {unknown[0]!r}")
     start = time.perf_counter()
-    results = run_experiment(cfg, args.seeds, arms=args.arms or ARMS, resume=invocation)
+    results = run_experiment(cfg, args.seeds, arms=args.arms or DEFAULT_ARMS, resume=invocation)
     print()
     if args.seeds and len(args.seeds) > 1:
         print(f"mean over seeds {', '.join(map(str, args.seeds))}:")
@@ -55,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
-    from pipeline.experiment import prepare_dataset
+    from pipeline.experiment.run import prepare_dataset
 
     path = prepare_dataset(cfg)
     print(f"{cfg.data.name} ready: {path.read_text().strip()}\nWritten: {path}")
@@ -63,12 +60,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline.tune import StudySpec, run_study
+    from pipeline.experiment.tune import StudySpec, run_study
 
     if args.seeds and len(args.seeds) > 1:
         raise ConfigError("--seeds: auror tune runs one seed per trial; give one seed (or --set seed=N)")
     overrides = [*args.set, *([f"seed={args.seeds[0]}"] if args.seeds else [])]
-    spec = StudySpec(args.params, overrides, args.kind, args.n_trials, args.storage, args.study_name,
+    spec = StudySpec(args.params, overrides, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
                      args.max_malicious_fraction)
     result = run_study(spec)
     study = result.study
@@ -86,7 +83,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import run_report
+    from pipeline.experiment.report import run_report
 
     command = " ".join(["auror", "report", *args.argv])
     md = run_report(args.params, args.set, args.seeds, command, from_dir=args.from_dir)
@@ -95,10 +92,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.experiment.compare import run_compare
+
+    cfg = load_config(args.params, args.set)
+    seeds = args.seeds or [cfg.seed]
+    command = " ".join(["auror", "compare", *args.argv])
+    md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only)
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    return 0
+
+
+def cmd_defenses(args: argparse.Namespace) -> int:
+    from pipeline.defenses import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name, defense in REGISTRY.items():
+        print(f"{name.ljust(width)}  {defense.summary}")
+    print("\nEach is an arm of auror run (--arms benign attack auror krum ...), with its parameters in the "
+          "config section defense.<name>; none is the attack arm's aggregation.")
+    return 0
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help=f"YAML params file (default: ./{DEFAULT_PARAMS} when present, else built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set attack.malicious_fraction=0.2 (repeatable)")
+                        help="override one key, e.g. --set users.malicious_fraction=0.2 (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="run every arm for each seed and report the mean (default: the config's seed)")
 
@@ -117,11 +137,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="auror", description="AUROR: targeted poisoning and its defense in collaborative learning")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the benign, attack and auror arms with one seed and data split")
+    run = sub.add_parser("run", help="run the benign, attack and defense arms with one seed and data split")
     add_config_arguments(run)
     run.add_argument("--arms", nargs="+", metavar="ARM",
-                     help="run only these arms (benign, attack, auror; default: all); without benign, "
-                          "accuracy_drop is left empty")
+                     help="the arms to run: benign, attack, and any defense of `auror defenses` (default: benign "
+                          "attack auror); without benign, accuracy_drop is left empty")
     run.add_argument("--resume", metavar="ID",
                      help="continue an interrupted run: the id it printed, its checkpoint folder, or the MLflow "
                           "run id of one of its arms")
@@ -130,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "write <reports_dir>/data.json with its sizes")
     add_config_arguments(prepare)
     prepare.set_defaults(func=cmd_prepare)
-    tune = sub.add_parser("tune", help="Optuna study: tune AUROR's alpha/tau/window against the attack "
-                          "(--kind defense) or the attack against AUROR (--kind attack)")
+    tune = sub.add_parser("tune", help="Optuna study: tune a defense's parameters against the attack "
+                          "(--kind defense) or the attack against a defense (--kind attack)")
     add_config_arguments(tune)
     tune.add_argument("--kind", default="defense", help="defense (default) | attack")
+    tune.add_argument("--defense", default="auror",
+                      help="the defense tuned (--kind defense) or attacked (--kind attack); default auror")
     tune.add_argument("--n-trials", type=int, default=20,
                       help="the study's total of finished trials; re-running continues up to it (default 20)")
     tune.add_argument("--storage", help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)")
@@ -147,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--from", dest="from_dir", metavar="DIR",
                         help="build the table from the DVC stages' outputs under DIR instead of running")
     report.set_defaults(func=cmd_report)
+    compare = sub.add_parser("compare", help="every defense on the same data, attack and seeds (IID 10/20/30%% "
+                             "and Dirichlet(0.5) 30%% malicious); resumable; writes compare_<dataset>.md/.json/.png")
+    add_config_arguments(compare)
+    compare.add_argument("--arms", nargs="+", metavar="ARM",
+                         help="run only these arms' cells (default: benign, attack and every defense)")
+    compare.add_argument("--report-only", action="store_true",
+                         help="run nothing: build the report from the finished cells")
+    compare.set_defaults(func=cmd_compare)
+    defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
+    defenses.set_defaults(func=cmd_defenses)
     return parser
 
 
@@ -156,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = argv[1:]
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-        args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
-        bad_seeds = [s for s in args.seeds or [] if not 0 <= s <= MAX_SEED]
+        if hasattr(args, "params"):
+            args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+        bad_seeds = [s for s in getattr(args, "seeds", None) or [] if not 0 <= s <= MAX_SEED]
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
         return args.func(args)
@@ -165,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"auror: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        resume_id = getattr(err, "resume_id", None)  # pipeline.resume.RunInterrupted
+        resume_id = getattr(err, "resume_id", None)  # pipeline.experiment.resume.RunInterrupted
         print("auror: interrupted" + (f"; the finished rounds are saved, continue with: auror run --resume "
                                       f"{resume_id}" if resume_id else ""), file=sys.stderr)
         return 130

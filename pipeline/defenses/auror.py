@@ -1,0 +1,235 @@
+"""AUROR (Shen, Tople, Saxena, ACSAC 2016): flag the users whose masked
+features sit in the minority of too many indicative features.
+
+:class:`Auror` is the detector, a scikit-learn-shaped estimator over a
+``(users, features)`` matrix of uploaded values (no data, no labels);
+:class:`AurorDefense` runs it on the server: it collects every user's update
+over the first ``window_rounds`` rounds, flags users at the end of the window,
+and leaves the flagged users out of every aggregate from that round on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.core.masking import aggregate_per_coordinate
+from pipeline.core.server import Aggregate, Uploads, present_rows
+from pipeline.defenses import register
+from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.clustering import two_means_1d
+
+log = logging.getLogger("auror")
+
+
+class Auror:
+    """Detect poisoning users from their masked features.
+
+    Parameters
+    ----------
+    alpha : float
+        Indicative-feature threshold: a feature is indicative when the
+        distance between its two 2-means centres exceeds the threshold.
+    tau : float
+        A user in the smaller cluster of more than this fraction of the
+        indicative features (among those it uploaded) is flagged.
+    alpha_mode : {"absolute", "quantile"}
+        ``"absolute"``: the threshold is ``alpha`` itself. ``"quantile"``: the
+        threshold is the ``alpha``-quantile of the observed centre distances.
+    chunk_size : int
+        Features scored at a time; bounds the memory beyond the clustering's.
+
+    Attributes
+    ----------
+    centre_distance_ : ndarray (features,)  distance of the two centres (0 when unclustered)
+    threshold_ : float                      the distance threshold used
+    indicative_ : ndarray of bool (features,)
+    scores_ : ndarray (users,)              fraction of indicative features where the user is in the minority
+    flagged_ : ndarray of bool (users,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> updates = np.zeros((6, 4)); updates[0] = 1.0   # user 0 differs on every feature
+    >>> Auror(alpha=0.5, tau=0.5).fit(updates).flagged_.nonzero()[0].tolist()
+    [0]
+    """
+
+    def __init__(self, alpha: float = 0.02, tau: float = 0.5, alpha_mode: str = "absolute",
+                 chunk_size: int = 4096) -> None:
+        self.alpha = alpha
+        self.tau = tau
+        self.alpha_mode = alpha_mode
+        self.chunk_size = chunk_size
+
+    def fit(self, updates) -> "Auror":
+        """Cluster every feature of ``updates`` (``users x features``, NaN where
+        a user did not upload a feature) across users, and flag users."""
+        if self.alpha_mode not in ("absolute", "quantile"):
+            raise ValueError(f"alpha_mode must be 'absolute' or 'quantile', got {self.alpha_mode!r}")
+        if not 0 <= self.tau < 1:
+            raise ValueError(f"tau must be in [0, 1), got {self.tau!r}")
+        values = torch.as_tensor(updates, dtype=torch.float32)
+        if values.dim() != 2 or values.shape[0] < 2:
+            raise ValueError(f"updates must be (users >= 2, features), got shape {tuple(values.shape)}")
+        # numpy, in chunks of features: a whole-matrix mask would cost a quarter of
+        # the matrix again, and per-chunk torch ops pay a thread barrier each
+        matrix = values.cpu().numpy()
+        chunks = range(0, matrix.shape[1], self.chunk_size)
+        if any(np.isinf(matrix[:, i : i + self.chunk_size]).any() for i in chunks):
+            raise ValueError("updates contain Inf; mark missing or faulty values as NaN")
+        clusters = two_means_1d(values.T)
+        distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0).cpu()  # clustered on the input's device
+        if self.alpha_mode == "absolute":
+            self.threshold_ = float(self.alpha)
+        else:
+            self.threshold_ = float(np.quantile(distance.numpy(), self.alpha))
+        indicative = distance > self.threshold_
+
+        in_minority = np.zeros(matrix.shape[0], dtype=np.int64)
+        uploaded = np.zeros(matrix.shape[0], dtype=np.int64)
+        upper_all, indicative_all = clusters.upper.cpu().numpy(), indicative.cpu().numpy()
+        for i in chunks:
+            rows = indicative_all[i : i + self.chunk_size]
+            if not rows.any():
+                continue
+            upper = upper_all[i : i + self.chunk_size][rows]  # (indicative features, users)
+            present = ~np.isnan(matrix[:, i : i + self.chunk_size][:, rows].T)
+            n_upper = upper.sum(1, keepdims=True)
+            n_lower = present.sum(1, keepdims=True) - n_upper
+            # the smaller cluster is suspicious; on a tie neither is
+            minority = np.where(n_upper < n_lower, upper, (n_lower < n_upper) & present & ~upper)
+            in_minority += minority.sum(0)
+            uploaded += present.sum(0)
+        self.centre_distance_ = distance.numpy()
+        self.indicative_ = indicative.numpy()
+        self.scores_ = in_minority / np.maximum(uploaded, 1)
+        self.flagged_ = self.scores_ > self.tau
+        return self
+
+
+ALPHA_MODES = ("absolute", "quantile")
+WINDOW_REDUCES = ("mean", "stack")
+# Optuna's search ranges; alpha's depends on how it is read: low, high, log scale
+ALPHA_RANGES = {"absolute": (1e-3, 0.5, True), "quantile": (0.5, 0.999, False)}
+TAU_RANGE = (0.1, 0.9)
+MAX_WINDOW_ROUNDS = 10
+
+
+@dataclass
+class AurorParams(DefenseParams):
+    # how alpha is read: "absolute" centre distance, or the "quantile" of the
+    # observed centre distances over all features
+    alpha_mode: str = "absolute"
+    alpha: float = 0.02
+    tau: float = 0.5
+    window_rounds: int = 3
+    # "mean": one feature per parameter, averaged over the window; "stack": one feature per (round, parameter)
+    window_reduce: str = "mean"
+
+    def validate(self, key: str) -> None:
+        check(self.alpha_mode in ALPHA_MODES, f"{key}.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}",
+              self.alpha_mode)
+        if self.alpha_mode == "quantile":
+            check(0 <= self.alpha < 1, f"{key}.alpha", "must be in [0, 1) with alpha_mode=quantile", self.alpha)
+        else:
+            check(self.alpha >= 0, f"{key}.alpha", "must be >= 0", self.alpha)
+        check(0 <= self.tau < 1, f"{key}.tau", "must be in [0, 1)", self.tau)
+        check(self.window_rounds >= 1, f"{key}.window_rounds", "must be >= 1", self.window_rounds)
+        check(self.window_reduce in WINDOW_REDUCES, f"{key}.window_reduce",
+              f"must be one of {', '.join(WINDOW_REDUCES)}", self.window_reduce)
+
+
+@register
+class AurorDefense(Defense):
+    """AUROR as the paper describes it: every parameter of every layer is a
+    feature; detection once, at the end of round ``window_rounds``, from the
+    updates of rounds 1..K (``window_reduce``); the flagged users are left out
+    of every later aggregate (the per-coordinate mean of the others)."""
+
+    name = "auror"
+    summary = "AUROR (Shen et al. 2016): 2-means on every parameter, flag users in the minority of > tau indicative ones"
+    Params = AurorParams
+    search_ranges = {"tau": TAU_RANGE + (False,)}  # and alpha_mode, alpha, window_rounds: search_space
+    flags = "run"
+    handles_missing = True
+
+    def __init__(self, params: AurorParams, server) -> None:
+        super().__init__(params, server)
+        self._window: list[torch.Tensor] = []
+        self.detection: dict = {"detection_round": None, "flagged_users": []}
+
+    def aggregate(self, uploads: Uploads) -> Aggregate:
+        if uploads.round <= self.params.window_rounds:
+            self._window.append(uploads.updates)
+            if uploads.round == self.params.window_rounds:
+                self._detect(uploads)
+        flagged = torch.tensor(sorted(self.flagged), dtype=torch.long, device=uploads.user_ids.device)
+        accepted = present_rows(uploads.updates) & ~torch.isin(uploads.user_ids, flagged)
+        return Aggregate(aggregate_per_coordinate(uploads.updates, accepted), accepted / accepted.sum().clamp(min=1))
+
+    def report(self) -> dict:
+        return self.detection
+
+    def state_dict(self) -> dict:
+        return {"window": list(self._window), "flagged": sorted(self.flagged), "detection": self.detection}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._window = list(state["window"])
+        self.flagged = set(state["flagged"])
+        self.detection = state["detection"]
+
+    def _detect(self, uploads: Uploads) -> None:
+        p = self.params
+        # (rounds, users, parameters); NaN: not uploaded (or left out). Rounds restored from a checkpoint are on the CPU
+        window = torch.stack([w.to(uploads.updates.device) for w in self._window])
+        self._window = []
+        # a user absent from every window round gets an all-NaN row: no feature, score 0, never flagged
+        features = window.nanmean(0) if p.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)
+        d = Auror(p.alpha, p.tau, p.alpha_mode).fit(features)
+        ids = uploads.user_ids.tolist()
+        self.flagged = {ids[i] for i in d.flagged_.nonzero()[0]}
+        self.detection = {
+            "detection_round": uploads.round,
+            "flagged_users": sorted(self.flagged),
+            "scores": {str(u): round(float(s), 4) for u, s in zip(ids, d.scores_)},
+            "threshold": d.threshold_,
+            "num_features": int(d.indicative_.size),
+            "num_indicative_features": int(d.indicative_.sum()),
+        }
+        log.info("  AUROR at round %d: %d of %d features indicative, flagged users %s", uploads.round,
+                 d.indicative_.sum(), d.indicative_.size, sorted(self.flagged) or "none")
+
+    @classmethod
+    def check_config(cls, params: AurorParams, cfg, key: str) -> None:
+        super().check_config(params, cfg, key)
+        rounds = cfg.training.rounds
+        check(params.window_rounds <= rounds, f"{key}.window_rounds", f"must be in [1, training.rounds={rounds}]",
+              params.window_rounds)
+
+    @classmethod
+    def search_space(cls, trial, cfg) -> list[str]:
+        key = f"defense.{cls.name}"
+        mode = trial.suggest_categorical(f"{key}.alpha_mode", list(ALPHA_RANGES))
+        low, high, log_scale = ALPHA_RANGES[mode]
+        # one alpha parameter per mode: the two ranges are different quantities
+        alpha = trial.suggest_float(f"{key}.alpha[{mode}]", low, high, log=log_scale)
+        tau = trial.suggest_float(f"{key}.tau", *TAU_RANGE)
+        window = trial.suggest_int(f"{key}.window_rounds", 1, min(MAX_WINDOW_ROUNDS, cfg.training.rounds))
+        return [f"{key}.alpha_mode={mode}", f"{key}.alpha={alpha!r}", f"{key}.tau={tau!r}",
+                f"{key}.window_rounds={window}"]
+
+    @classmethod
+    def baseline(cls, params: AurorParams, cfg) -> dict:
+        key = f"defense.{cls.name}"
+        return {f"{key}.alpha_mode": params.alpha_mode, f"{key}.alpha[{params.alpha_mode}]": params.alpha,
+                f"{key}.tau": params.tau,
+                f"{key}.window_rounds": min(params.window_rounds, MAX_WINDOW_ROUNDS, cfg.training.rounds)}
+
+    @classmethod
+    def warmup_rounds(cls, params: AurorParams, cfg) -> int:
+        """Rounds before which a trial must not be pruned: detection cannot have happened yet."""
+        return min(MAX_WINDOW_ROUNDS, cfg.training.rounds)

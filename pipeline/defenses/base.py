@@ -1,0 +1,112 @@
+"""The defense interface: a server-side rule over one round's :class:`Uploads`.
+
+A defense is a small class: its parameters are a dataclass (``Params``) that
+validates itself, its math lives in pure tensor functions in the same file,
+and :meth:`Defense.aggregate` wires the two together. A defense sees the
+uploads and the server-held inputs it declares, never the users' data nor
+who is malicious.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.server import Aggregate, ServerInputs, Uploads
+
+
+@dataclasses.dataclass
+class DefenseParams:
+    """Base of a defense's parameters (subclass it as a dataclass)."""
+
+    def validate(self, key: str) -> None:
+        """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``defense.<name>``."""
+
+
+def check(ok: bool, key: str, message: str, value: Any) -> None:
+    """One-line :class:`ConfigError` ``"<key>: <message>, got <value>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+class Defense:
+    """Base class of the server-side defenses.
+
+    Class attributes a defense sets:
+
+    - ``name``: its registry name (the arm name and the config section ``defense.<name>``);
+    - ``summary``: one line for ``auror defenses``;
+    - ``Params``: its parameters dataclass (a :class:`DefenseParams`);
+    - ``flags``: how its detection rate is read: ``"none"`` (a robust
+      aggregator that excludes nobody: DR and FPR are ``-``), ``"round"``
+      (it leaves users out round by round: DR / FPR averaged over rounds),
+      ``"run"`` (it flags users once and for all, as AUROR: DR / FPR of its
+      final flags; the defense keeps them in :attr:`flagged`);
+    - ``handles_missing``: it aggregates partial uploads (DSSGD masking,
+      ``protocol.theta_u < 1``) correctly; the others are refused for such a config;
+    - ``needs_root_data``: it reads ``ServerInputs.root_update`` (a clean root
+      set held by the server, ``Params.root_size`` samples);
+    - ``search_ranges``: what ``auror tune --kind defense --defense <name>`` searches.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
+    flags: ClassVar[Literal["none", "round", "run"]] = "round"
+    handles_missing: ClassVar[bool] = False
+    needs_root_data: ClassVar[bool] = False
+    # the float parameters an Optuna defense study searches: field -> (low, high, log scale); empty: none
+    search_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {}
+
+    def __init__(self, params: DefenseParams, server: ServerInputs) -> None:
+        self.params = params
+        self.server = server
+        self.flagged: set[int] = set()  # flags="run": the users flagged so far
+
+    def aggregate(self, uploads: Uploads) -> Aggregate:
+        raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """What the run's ``detection.json`` records of this defense (JSON-able)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue as if never stopped (tensors, lists, dicts, numbers, strings)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @classmethod
+    def check_config(cls, params: DefenseParams, cfg, key: str) -> None:
+        """Rules across config sections, after ``params.validate(key)``: a defense that
+        needs whole updates is refused under DSSGD masking (``protocol.theta_u < 1``)."""
+        if cls.handles_missing or cfg.protocol.theta_u == 1:
+            return
+        from pipeline.defenses import REGISTRY
+
+        partial = ", ".join(name for name, d in REGISTRY.items() if d.handles_missing)
+        check(False, "protocol.theta_u", f"must be 1 for defense {cls.name} (it needs whole updates; "
+              f"{partial} take partial uploads)", cfg.protocol.theta_u)
+
+    @classmethod
+    def search_space(cls, trial, cfg) -> list[str]:
+        """An Optuna trial's choice of this defense's parameters (``search_ranges``), as ``--set``
+        overrides ``defense.<name>.<field>=<value>``."""
+        key = f"defense.{cls.name}"
+        return [f"{key}.{field}={trial.suggest_float(f'{key}.{field}', low, high, log=log)!r}"
+                for field, (low, high, log) in cls.search_ranges.items()]
+
+    @classmethod
+    def baseline(cls, params: DefenseParams, cfg) -> dict[str, Any]:
+        """The configured parameters as the trial parameters of :meth:`search_space` (a study's
+        first trial), moved into the searched ranges."""
+        return {f"defense.{cls.name}.{field}": min(max(getattr(params, field), low), high)
+                for field, (low, high, _) in cls.search_ranges.items()}
+
+    @classmethod
+    def warmup_rounds(cls, params: DefenseParams, cfg) -> int:
+        """Rounds before which an Optuna trial must not be pruned (a detector's window)."""
+        return 1
