@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.base import ClassifierModule
 
-class CNNClassifier(pl.LightningModule):
+
+class CNNClassifier(ClassifierModule):
     """conv(5x5)-ReLU-maxpool(2) twice, then Linear-ReLU-Linear.
 
     Parameters
@@ -34,7 +34,7 @@ class CNNClassifier(pl.LightningModule):
     hidden_size : int
         Width of the hidden fully connected layer.
     lr : float
-        Learning rate of the plain SGD optimiser.
+        Learning rate of the plain SGD optimiser (``ClassifierModule.make_optimizer``).
 
     Examples
     --------
@@ -64,26 +64,6 @@ class CNNClassifier(pl.LightningModule):
             nn.Linear(hidden_size, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(-1, *self.hparams.input_shape))
-
-    @staticmethod
-    def loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits, y, reduction=reduction)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_accuracy", (self(x).argmax(1) == y).float().mean())
-
-    def make_optimizer(self, params, lr_multiplier: float = 1.0) -> torch.optim.Optimizer:
-        """Plain SGD, as in the paper's local training."""
-        return torch.optim.SGD(params, lr=self.hparams.lr * lr_multiplier)
-
-    def configure_optimizers(self):
-        return self.make_optimizer(self.parameters())
+    def shape_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(batch, *input_shape)``; flat inputs are reshaped to them."""
+        return x.reshape(-1, *self.hparams.input_shape)
