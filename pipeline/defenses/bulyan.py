@@ -25,7 +25,7 @@ import torch
 
 from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, argsort_columns, check
 from pipeline.defenses.krum import assumed_attackers, neighbour_scores, pairwise_sq_distances
 from pipeline.defenses.median import coordinate_median
 
@@ -48,7 +48,7 @@ def bulyan_select(x: torch.Tensor, f: int) -> torch.Tensor:
 def closest_to_median_mean(x: torch.Tensor, beta: int) -> torch.Tensor:
     """Per column of ``x`` (n, P), the mean of the ``beta`` values closest to the column's median. (P,)."""
     distance = (x - coordinate_median(x)).abs()
-    nearest = distance.argsort(dim=0, stable=True)[:beta]
+    nearest = argsort_columns(distance)[:beta]
     return x.gather(0, nearest).mean(0)
 
 

@@ -48,8 +48,9 @@ def cosine_similarities(rows: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities of the rows of ``rows`` (n, P): (n, n), float64,
     one product of the row-normalised matrix; a zero row has similarity 0 with every row."""
     x = rows.double()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return x @ x.T
+    gram = x @ x.T  # normalised afterwards, on (n, n): one pass over the matrix
+    norms = gram.diagonal().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    return gram / norms[:, None] / norms[None, :]
 
 
 def accumulate(history: torch.Tensor | None, user_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:

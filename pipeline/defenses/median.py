@@ -14,13 +14,13 @@ import torch
 
 from pipeline.core.server import Aggregate, Uploads
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense
+from pipeline.defenses.base import Defense, sort_columns
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per column of ``x`` (n, P), the median of its non-NaN values (mean of
     the two middle ones for an even count); 0 where a column is all NaN. (P,)."""
-    ordered = x.sort(0).values  # NaN sort last
+    ordered = sort_columns(x)  # NaN sort last
     count = (~torch.isnan(x)).sum(0)
     lo = ordered.gather(0, ((count - 1).clamp_min(0) // 2)[None]).squeeze(0)
     hi = ordered.gather(0, (count // 2).clamp_max(x.shape[0] - 1)[None]).squeeze(0)

@@ -17,13 +17,13 @@ import torch
 
 from pipeline.core.server import Aggregate, Uploads
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, sort_columns
 
 
 def coordinate_trimmed_mean(x: torch.Tensor, beta: float) -> torch.Tensor:
     """Per column of ``x`` (n, P), the mean of its non-NaN values without the
     ``floor(beta * count)`` smallest and largest ones; 0 where all NaN. (P,)."""
-    ordered = x.sort(0).values  # NaN sort last
+    ordered = sort_columns(x)  # NaN sort last
     count = (~torch.isnan(x)).sum(0)
     k = torch.floor(beta * count.double() + 1e-9).long()
     k = torch.minimum(k, ((count - 1) // 2).clamp_min(0))

@@ -98,7 +98,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
     seeds = args.seeds or [cfg.seed]
     command = " ".join(["auror", "compare", *args.argv])
-    md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only)
+    if args.report_only and args.no_report:
+        raise ConfigError("--no-report: with --report-only there is nothing left to do; drop one")
+    md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only,
+                     track=not args.no_track, report=not args.no_report)
+    if md is None:
+        print(f"\nCells: {Path(cfg.tracking.reports_dir) / 'compare' / cfg.data.name}")
+        return 0
     print(f"\n{md.read_text()}")
     print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
     return 0
@@ -176,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run only these arms' cells (default: benign, attack and every defense)")
     compare.add_argument("--report-only", action="store_true",
                          help="run nothing: build the report from the finished cells")
+    compare.add_argument("--no-track", action="store_true",
+                         help="log no MLflow runs (faster; the cells' JSON files still hold every metric)")
+    compare.add_argument("--no-report", action="store_true",
+                         help="run the cells only (the DVC stages of one arm); the report comes from --report-only")
     compare.set_defaults(func=cmd_compare)
     defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
     defenses.set_defaults(func=cmd_defenses)
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv[1:]
+        # every line out at once, also into a file or a pipe: a run killed early still shows its --resume id
+        sys.stdout.reconfigure(line_buffering=True)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
         if hasattr(args, "params"):
             args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
