@@ -46,3 +46,13 @@ def test_end_to_end_benchmark_times_every_arm(capsys):
     assert figures["wall s"] > sum(figures[f"{arm} arm s"] for arm in ("benign", "attack", "auror")) > 0
     assert figures["peak MiB"] > 50
     assert "x the 120 s target" in capsys.readouterr().out
+
+
+def test_defenses_benchmark_times_every_registered_defense(capsys, monkeypatch, tmp_path):
+    from pipeline.defenses import REGISTRY
+
+    monkeypatch.setenv("AUROR_DATA_DIR", str(tmp_path))  # the random fallback
+    figures = load("bench_defenses").main(["--sizes", "4x50:8", "--repeats", "1"])
+    (ratios,) = figures.values()
+    assert set(ratios) == set(REGISTRY) and all(r > 0 for r in ratios.values())
+    assert "x one round of local training (target <= 0.1)" in capsys.readouterr().out
