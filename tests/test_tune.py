@@ -22,8 +22,8 @@ def tiny_overrides(tmp_path) -> list[str]:
 
 
 def tiny_spec(tmp_path, **kw) -> StudySpec:
-    return StudySpec(None, tiny_overrides(tmp_path), storage=f"sqlite:///{tmp_path}/optuna.db", study_name="t",
-                     n_trials=3, **kw)
+    kw = {"n_trials": 3, **kw}
+    return StudySpec(None, tiny_overrides(tmp_path), storage=f"sqlite:///{tmp_path}/optuna.db", study_name="t", **kw)
 
 
 def study_runs(tmp_path):
@@ -111,3 +111,22 @@ def test_bad_tune_arguments_exit_2_before_any_work(tmp_path, monkeypatch, capsys
     assert main(["tune", *args, *[a for s in TINY for a in ("--set", s)]]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_defense_study_searches_any_defense_with_search_ranges(tmp_path):
+    import yaml
+
+    result = run_study(tiny_spec(tmp_path, defense="trimmed_mean", n_trials=2))
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert set(trials[0].params) == {"defense.trimmed_mean.beta"}
+    assert trials[0].params["defense.trimmed_mean.beta"] == 0.1  # the configured setting first
+    assert result.study.user_attrs["setting"]["defense"] == "trimmed_mean"
+    runs = study_runs(tmp_path)
+    assert {r.data.tags["defense"] for r in runs} == {"trimmed_mean"}
+    assert {r.data.tags["arm"] for r in runs if "mlflow.parentRunId" in r.data.tags} == {"trimmed_mean"}
+    best = yaml.safe_load(result.best_params_path.read_text())
+    assert best["defense"]["trimmed_mean"]["beta"] == result.study.best_trial.params["defense.trimmed_mean.beta"]
+    # a robust aggregator flags nobody: DR and FPR count 0 in the objective, so it is -SR - max(AD, 0)
+    m = result.study.best_trial.user_attrs["metrics"]
+    assert result.study.best_value == pytest.approx(-m["attack_success_rate"] - max(m["accuracy_drop"], 0))

@@ -115,7 +115,8 @@ def attack_objective(attack_success_rate: float) -> float:
 def objective_value(kind: str, metrics: dict[str, float | None]) -> float:
     if kind == "attack":
         return attack_objective(metrics["attack_success_rate"])
-    return defense_objective(metrics["detection_rate"], metrics["false_positive_rate"],
+    # a rule that flags nobody (median, trimmed mean...) has DR = FPR = None: they count 0
+    return defense_objective(metrics["detection_rate"] or 0.0, metrics["false_positive_rate"] or 0.0,
                              metrics["attack_success_rate"], metrics["accuracy_drop"])
 
 
