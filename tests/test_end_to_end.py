@@ -3,7 +3,7 @@ import json
 import mlflow
 import pytest
 
-from pipeline.experiment.cli import main
+from pipeline.experiment.cli import format_table, main
 from pipeline.experiment.run import DEFAULT_ARMS as ARMS, METRICS, run_experiment
 from tests.conftest import TINY
 
@@ -62,3 +62,10 @@ def test_cli_averages_over_seeds(tiny_config, tmp_path, monkeypatch, capsys):
         assert saved[arm]["accuracy"] == pytest.approx((one_by_one[0][arm]["accuracy"] + one_by_one[1][arm]["accuracy"]) / 2)
         assert saved[arm]["attack_success_rate"] == pytest.approx(
             (one_by_one[0][arm]["attack_success_rate"] + one_by_one[1][arm]["attack_success_rate"]) / 2)
+
+
+def test_results_table_columns_line_up_for_long_defense_names():
+    row = {"accuracy": 0.9, "detection_rate": None}
+    lines = format_table({"benign": row, "auror_output_layer": row}).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[2].startswith("auror_output_layer ") and lines[1].rstrip().endswith("-")

@@ -17,10 +17,11 @@ DEFAULT_PARAMS = "params.yaml"
 def format_table(results: dict[str, dict[str, float | None]]) -> str:
     metrics = list(next(iter(results.values())))
     width = max(len(m) for m in metrics)
-    lines = ["arm".ljust(8) + "".join(m.rjust(width + 2) for m in metrics)]
+    arm_width = max(len(arm) for arm in [*results, "arm"])  # defense names run to 18 characters
+    lines = ["arm".ljust(arm_width) + "".join(m.rjust(width + 2) for m in metrics)]
     for arm, values in results.items():
         cells = ("-" if values[m] is None else f"{values[m]:.3f}" for m in metrics)
-        lines.append(arm.ljust(8) + "".join(c.rjust(width + 2) for c in cells))
+        lines.append(arm.ljust(arm_width) + "".join(c.rjust(width + 2) for c in cells))
     return "\n".join(lines)
 
 
