@@ -142,9 +142,12 @@ def aggregate_per_coordinate(masked_updates: torch.Tensor, accepted: torch.Tenso
     NaN this equals ``updates[accepted].mean(0)`` bit for bit (no
     branching; ``tests/test_masking.py`` guards it on many shapes).
     """
-    uploaded = ~torch.isnan(masked_updates[accepted])
-    total = torch.where(uploaded, masked_updates[accepted], 0).sum(0)
-    count = uploaded.sum(0)
+    rows = masked_updates if bool(accepted.all()) else masked_updates[accepted]
+    uploaded = ~torch.isnan(rows)
+    if len(rows) and bool(uploaded.all()):  # whole uploads: the same numbers, fewer passes over the matrix
+        return rows.mean(0)
+    total = torch.where(uploaded, rows, 0).sum(0)
+    count = uploaded.sum(0, dtype=rows.dtype)  # exact up to 2**24 users; no int64 copy of the mask
     return torch.where(count > 0, total / count, 0).to(masked_updates.dtype)
 
 
