@@ -56,3 +56,14 @@ def test_defenses_benchmark_times_every_registered_defense(capsys, monkeypatch, 
     (ratios,) = figures.values()
     assert set(ratios) == set(REGISTRY) and all(r > 0 for r in ratios.values())
     assert "x one round of local training (target <= 0.1)" in capsys.readouterr().out
+
+
+def test_sweep_benchmark_runs_one_and_two_workers(capsys):
+    from tests.conftest import TINY
+
+    params = str(BENCHMARKS.parent / "params.yaml")
+    results = load("bench_sweep").main(["--params", params, "--grid", "users.malicious_fraction=0.2,0.4",
+                                        "--arms", "attack", *(a for o in TINY for a in ("--set", o))])
+    assert [(r["workers"], r["cells"]) for r in results] == [(1, 2), (2, 2)]  # every cell once in each sweep
+    assert all(0 < r["share"] < 1 for r in results)
+    assert "cells per hour, 2 workers over 1" in capsys.readouterr().out

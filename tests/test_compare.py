@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import pipeline.experiment.compare as compare
 import pipeline.experiment.run as run_module
 from pipeline.experiment.compare import SETTINGS, load_cells, run_compare
 from pipeline.experiment.config import ConfigError
@@ -11,7 +12,8 @@ from tests.conftest import TINY
 
 
 @pytest.fixture
-def overrides(tmp_path):
+def overrides(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "DEFAULT_STORAGE", f"sqlite:///{tmp_path}/sweeps.db")
     return [*TINY, f"tracking.reports_dir={tmp_path}/reports"]
 
 

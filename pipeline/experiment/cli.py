@@ -10,6 +10,7 @@ from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
 from pipeline.experiment.config import MAX_SEED, ConfigError, load_config
+from pipeline.experiment.sweep import CellsFailed
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -102,13 +103,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.report_only and args.no_report:
         raise ConfigError("--no-report: with --report-only there is nothing left to do; drop one")
     md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only,
-                     track=not args.no_track, report=not args.no_report)
+                     track=not args.no_track, report=not args.no_report, storage=args.storage,
+                     sweep_name=args.sweep_name)
     if md is None:
         print(f"\nCells: {Path(cfg.tracking.reports_dir) / 'compare' / cfg.data.name}")
         return 0
     print(f"\n{md.read_text()}")
     print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.experiment.compare import run_grid
+    from pipeline.experiment.run import DEFAULT_ARMS
+
+    cfg = load_config(args.params, args.set)
+    command = " ".join(["auror", "sweep", *args.argv])
+    md = run_grid(args.params, args.set, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS),
+                  command, track=not args.no_track, storage=args.storage, sweep_name=args.sweep_name)
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    return 0
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    parser.add_argument("--storage", help="where workers claim cells: sqlite:///<file> on one machine (default "
+                        "sqlite:///mlruns/sweeps.db), postgresql://<user>@<host>:<port>/<db> shared by many "
+                        "(pip install -e '.[postgres]')")
+    parser.add_argument("--sweep-name", help=f"the sweep's name in the storage (default {default_name}); "
+                        "workers with the same name and cells split them")
+    parser.add_argument("--no-track", action="store_true",
+                        help="log no MLflow runs (faster; the cells' metrics are still stored)")
 
 
 def cmd_defenses(args: argparse.Namespace) -> int:
@@ -183,11 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run only these arms' cells (default: benign, attack and every defense)")
     compare.add_argument("--report-only", action="store_true",
                          help="run nothing: build the report from the finished cells")
-    compare.add_argument("--no-track", action="store_true",
-                         help="log no MLflow runs (faster; the cells' JSON files still hold every metric)")
+    add_sweep_arguments(compare, "compare-<dataset>")
     compare.add_argument("--no-report", action="store_true",
                          help="run the cells only (the DVC stages of one arm); the report comes from --report-only")
     compare.set_defaults(func=cmd_compare)
+    sweep = sub.add_parser("sweep", help="arms x every combination of --grid values x seeds, split between "
+                           "the workers that share --storage; writes <sweep-name>.md/.json/.png")
+    add_config_arguments(sweep)
+    sweep.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                       help="config keys and their values, e.g. users.malicious_fraction=0.1,0.3 defense.auror.tau=0.5,0.8")
+    sweep.add_argument("--arms", nargs="+", metavar="ARM", help="the arms of every cell (default: benign attack auror)")
+    add_sweep_arguments(sweep, "sweep-<dataset>")
+    sweep.set_defaults(func=cmd_sweep)
     defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
     defenses.set_defaults(func=cmd_defenses)
     return parser
@@ -210,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetMissingError) as err:
         print(f"auror: error: {err}", file=sys.stderr)
         return 2
+    except CellsFailed as err:
+        print(f"auror: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         resume_id = getattr(err, "resume_id", None)  # pipeline.experiment.resume.RunInterrupted
         print("auror: interrupted" + (f"; the finished rounds are saved, continue with: auror run --resume "

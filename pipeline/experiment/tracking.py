@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.experiment.config import Config
+from pipeline.experiment.storage import store_lock
 from pipeline.core.device import describe_device, select_device
 from pipeline.core.loop import Callback, CollaborativeLoop
 
@@ -25,17 +26,30 @@ def absolute_uri(uri: str) -> str:
 
 
 def setup_mlflow(cfg: Config) -> str:
-    """Point MLflow at the configured store; create the experiment (with its
-    artifacts under ``tracking.artifact_dir``) when missing. Returns its id."""
+    """Point MLflow at the configured store; create the experiment when missing. Returns its id.
+
+    With a local store the experiment's artifacts go under ``tracking.artifact_dir``; with a
+    tracking server (``http://``) they go where the server puts them (its
+    ``--artifacts-destination``), so every worker's artifacts are in one place."""
     uri = cfg.tracking.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(absolute_uri(uri))
+    with store_lock(uri):
+        return _experiment_id(cfg, uri)
+
+
+def _experiment_id(cfg: Config, uri: str) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = Path(cfg.tracking.artifact_dir).resolve()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
+    served = uri.startswith(("http://", "https://"))
+    location = None if served else Path(cfg.tracking.artifact_dir).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit() -> str:

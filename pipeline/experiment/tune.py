@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ from pipeline.core.metrics import defense_detection_rates  # noqa: E402
 from pipeline.defenses import REGISTRY  # noqa: E402
 from pipeline.experiment.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.experiment.run import arm_params, check_arms, run_arm  # noqa: E402
+from pipeline.experiment.storage import database_url, store_lock  # noqa: E402
 from pipeline.experiment.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow  # noqa: E402
 
 log = logging.getLogger("auror")
@@ -79,6 +81,7 @@ KINDS = ("defense", "attack")
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 HEARTBEAT_S = 10  # a running trial writes a heartbeat this often ...
 GRACE_PERIOD_S = 30  # ... and is presumed dead (FAIL) when the last one is older than this
+MAX_RETRIES = 3  # a trial whose worker died runs again at most this often
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_trials
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it names the best-params file
 
@@ -263,25 +266,30 @@ def first_difference(old: dict, new: dict, prefix: str = "") -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats, so that trials of dead processes can be failed."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """An RDB storage with heartbeats: a trial of a dead process is failed and retried (same parameters)."""
+    sqlalchemy_url = database_url(url, "--storage")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_PERIOD_S,
-                                              heartbeat_stale_trial_callback=end_stale_mlflow_run)
+            with store_lock(url):
+                return optuna.storages.RDBStorage(sqlalchemy_url, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_PERIOD_S,
+                                                  heartbeat_stale_trial_callback=retry_stale_trial)
     except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
         raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
 
 
-def end_stale_mlflow_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial failed for a stale heartbeat: its MLflow run died with it."""
+def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial failed for a stale heartbeat: its MLflow run died with it, and it runs again (the same
+    parameters, as a new trial) in whichever worker asks next."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             mlflow.MlflowClient().set_terminated(run_id, "KILLED")
-    log.info("trial %d of a process that died marked FAIL", trial.number)
+    log.info("trial %d of a process that died marked FAIL; queued again", trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:
@@ -338,9 +346,22 @@ def start_parent_run(study: optuna.Study, experiment_id: str, name: str, spec: S
     tags = {"optuna_study": name, "kind": f"tune-{spec.kind}", "dataset": cfg.data.name, "defense": spec.defense,
             "git_commit": run_tags(cfg, spec.defense)["git_commit"]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{name}", tags=tags)
+    # workers that start a new study together each made one: all keep the earliest, the others go
+    first = earliest_parent_run(experiment_id, name)
+    if first != run.info.run_id:
+        mlflow.end_run("FINISHED")
+        mlflow.delete_run(run.info.run_id)
+        return mlflow.start_run(run_id=first).info.run_id
     mlflow.log_params({f"base.{k}": v for k, v in arm_params(cfg, spec.defense).items() if not k.startswith("tracking.")})
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
+
+
+def earliest_parent_run(experiment_id: str, name: str) -> str:
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=f"tags.optuna_study = '{name}'",
+                              output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
 
 def benign_accuracy(study: optuna.Study, cfg: Config) -> float:
@@ -351,10 +372,48 @@ def benign_accuracy(study: optuna.Study, cfg: Config) -> float:
     return study.user_attrs["benign_accuracy"]
 
 
+class SurplusTrial(Exception):
+    """Workers started the study's last trial at the same moment: the later one steps back (FAIL, not run)."""
+
+
+def claimed_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered before ``number`` that finished or are running: they come first in the budget."""
+    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HEARTBEAT_S) -> None:
+    """Run trials, one at a time, with any other worker of the study until it has ``n_trials`` finished ones.
+
+    A trial starts only while fewer than ``n_trials`` are finished or running (the
+    objective's :func:`claimed_before` settles a tie between workers). While the
+    rest are running elsewhere, wait: a trial whose worker dies is failed by its
+    stale heartbeat, queued again, and taken over here.
+    """
+    waiting = False
+    while True:
+        fail_stale_trials(study)
+        finished = count_finished(study)
+        if finished >= n_trials:
+            return
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished + running >= n_trials:
+            if not waiting:
+                log.info("study %s: %d finished, %d running elsewhere; waiting for them (a trial whose worker "
+                         "dies is taken over)", study.study_name, finished, running)
+                waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
+        study.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+
+
 def make_objective(spec: StudySpec, name: str, budget: float, base: Config, benign: float, experiment_id: str,
                    started: list[int]):
     def objective(trial: optuna.Trial) -> float:
         started.append(trial.number)
+        if claimed_before(trial.study, trial.number) >= spec.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
         overrides = suggest(spec.kind, spec.defense, trial, base, budget)
         trial.set_user_attr("overrides", overrides)
         cfg = load_config(spec.params, [*spec.overrides, *overrides])
@@ -447,10 +506,7 @@ def run_study(spec: StudySpec) -> StudyResult:
         remaining = max(spec.n_trials - finished, 0)
         log.info("study %s: %d finished trials of %d, running %d more", name, finished, spec.n_trials, remaining)
         if remaining > 0:
-            objective = make_objective(spec, name, budget, base, benign, experiment_id, started)
-            # the callback stops at the budget when other processes run trials of the same study
-            study.optimize(objective, n_trials=remaining,
-                           callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=FINISHED)])
+            run_trials(study, make_objective(spec, name, budget, base, benign, experiment_id, started), spec.n_trials)
         log_study_plots(study)
         path = write_best_params(study, spec, name, base.tracking.reports_dir)
         if path is not None:

@@ -1,0 +1,246 @@
+"""Cells of a grid claimed from a shared table, so that many workers split one sweep.
+
+A *cell* is one run of one arm under one config and seed. A sweep's cells are
+rows of the table ``auror_cells`` in a database (``sqlite:///`` on one
+machine, ``postgresql://`` across machines). Every worker pointed at the same
+database and sweep name adds the cells it was asked for (a cell already there
+is kept), then claims them one at a time:
+
+- a claim is an ``UPDATE ... WHERE state = 'todo'`` that only one worker can
+  win, so no cell runs twice at once;
+- a running cell's worker refreshes its heartbeat every :data:`HEARTBEAT_S`
+  seconds; a cell whose heartbeat is older than :data:`GRACE_PERIOD_S` belongs
+  to a worker that died (SIGKILL, power loss) and is claimed again;
+- a finished cell (``done``, its metrics stored in the row) is never rerun;
+  a cell whose run raised is ``failed`` with the error and is tried again by
+  the next command that names it;
+- a worker with nothing left to claim waits while other workers' cells run
+  (to take one over if its worker dies) and stops when the sweep is finished.
+
+A cell's key holds a hash of its full config, so changing the config gives new
+cells instead of reusing results of the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from pipeline.experiment.storage import database_url, store_lock
+
+log = logging.getLogger("auror")
+
+DEFAULT_STORAGE = "sqlite:///mlruns/sweeps.db"
+HEARTBEAT_S = 10  # a running cell's worker refreshes its heartbeat this often ...
+GRACE_PERIOD_S = 45  # ... and is presumed dead when the last one is older than this
+
+METADATA = sa.MetaData()
+CELLS = sa.Table(
+    "auror_cells", METADATA,
+    sa.Column("sweep", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(400), primary_key=True),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: what to run (arm, label, seed, overrides)
+    sa.Column("state", sa.String(10), nullable=False),  # todo | running | done | failed
+    sa.Column("worker", sa.String(200)),
+    sa.Column("heartbeat", sa.Float),  # the worker's clock (time.time()); workers' clocks agree (NTP)
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("result", sa.Text),  # JSON metrics when done, the error when failed
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: ``arm`` under the config ``overrides`` (after the base ones) and ``seed``, shown as ``label``."""
+
+    arm: str
+    label: str
+    seed: int
+    overrides: tuple[str, ...]
+    config_hash: str  # of the full resolved config: another config is another cell
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}|seed {self.seed}|{self.config_hash}"  # not the label: equal runs are one cell
+
+    def spec(self) -> str:
+        return json.dumps({"arm": self.arm, "label": self.label, "seed": self.seed,
+                           "overrides": list(self.overrides), "config_hash": self.config_hash})
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class CellsFailed(RuntimeError):
+    """Some cells' runs raised; their errors are in the table."""
+
+
+class Sweep:
+    """One sweep's cells in one database."""
+
+    def __init__(self, url: str, name: str, option: str = "--storage") -> None:
+        self.name = name
+        try:
+            self.engine = sa.create_engine(database_url(url, option), pool_pre_ping=True)
+            with store_lock(url), self.engine.begin() as conn:
+                METADATA.create_all(conn, checkfirst=True)
+        except sa.exc.IntegrityError:  # PostgreSQL: another worker created the table at the same moment
+            pass
+        except sa.exc.SQLAlchemyError as err:
+            from pipeline.experiment.config import ConfigError
+
+            raise ConfigError(f"{option}: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+
+    def _where(self, *clauses):
+        return sa.and_(CELLS.c.sweep == self.name, *clauses)
+
+    def add(self, cells: list[Cell]) -> None:
+        """Add the cells not in the table yet; put failed ones back to do."""
+        rows = [{"sweep": self.name, "key": c.key, "spec": c.spec(), "state": "todo", "attempts": 0} for c in cells]
+        insert = (sa.dialects.postgresql.insert if self.engine.dialect.name == "postgresql"
+                  else sa.dialects.sqlite.insert)
+        with self.engine.begin() as conn:
+            for start in range(0, len(rows), 500):
+                conn.execute(insert(CELLS).on_conflict_do_nothing(), rows[start:start + 500])
+            conn.execute(CELLS.update().where(self._where(CELLS.c.state == "failed",
+                                                          CELLS.c.key.in_([c.key for c in cells])))
+                         .values(state="todo", result=None))
+
+    def claim(self, worker: str, keys: list[str]) -> str | None:
+        """The key of one of ``keys`` that this worker now runs (to do, or of a dead worker), or None."""
+        while True:
+            stale = time.time() - GRACE_PERIOD_S
+            claimable = sa.and_(CELLS.c.key.in_(keys), sa.or_(
+                CELLS.c.state == "todo", sa.and_(CELLS.c.state == "running", CELLS.c.heartbeat < stale)))
+            with self.engine.begin() as conn:
+                key = conn.execute(sa.select(CELLS.c.key).where(self._where(claimable))
+                                   .order_by(CELLS.c.key).limit(1)).scalar()
+                if key is None:
+                    return None
+                won = conn.execute(CELLS.update().where(self._where(CELLS.c.key == key, claimable))
+                                   .values(state="running", worker=worker, heartbeat=time.time(),
+                                           attempts=CELLS.c.attempts + 1)).rowcount
+            if won:
+                return key
+            # another worker claimed it between the two statements: look again
+
+    def beat(self, key: str, worker: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(CELLS.update().where(self._where(CELLS.c.key == key, CELLS.c.state == "running",
+                                                         CELLS.c.worker == worker)).values(heartbeat=time.time()))
+
+    def finish(self, key: str, worker: str, metrics: dict) -> None:
+        """Store the metrics; a cell another worker finished first keeps its result (counted once)."""
+        with self.engine.begin() as conn:
+            conn.execute(CELLS.update().where(self._where(CELLS.c.key == key, CELLS.c.state != "done"))
+                         .values(state="done", worker=worker, result=json.dumps(metrics)))
+
+    def release(self, key: str, worker: str, error: str | None) -> None:
+        """Give a cell back: ``failed`` with the error, or to do again (interrupted)."""
+        with self.engine.begin() as conn:
+            conn.execute(CELLS.update().where(self._where(CELLS.c.key == key, CELLS.c.state == "running",
+                                                         CELLS.c.worker == worker))
+                         .values(state="failed" if error else "todo", result=error))
+
+    def counts(self, keys: list[str] | None = None) -> dict[str, int]:
+        """Cells by state (of ``keys`` only, when given)."""
+        query = sa.select(CELLS.c.state, sa.func.count()).where(self._where()).group_by(CELLS.c.state)
+        if keys is not None:
+            query = query.where(CELLS.c.key.in_(keys))
+        with self.engine.connect() as conn:
+            return dict(conn.execute(query).all())
+
+    def rows(self, keys: list[str] | None = None) -> list[dict]:
+        """Every cell (of ``keys``, when given): key, spec, state, worker, attempts, result (decoded)."""
+        query = sa.select(CELLS).where(self._where()).order_by(CELLS.c.key)
+        if keys is not None:
+            query = query.where(CELLS.c.key.in_(keys))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:
+            row["spec"] = json.loads(row["spec"])
+            if row["state"] == "done":
+                row["result"] = json.loads(row["result"])
+        return rows
+
+    def results(self, keys: list[str] | None = None) -> dict[str, dict]:
+        """``{key: metrics}`` of the finished cells."""
+        return {r["key"]: r["result"] for r in self.rows(keys) if r["state"] == "done"}
+
+
+@contextlib.contextmanager
+def heartbeat(sweep: Sweep, key: str, worker: str) -> Iterator[None]:
+    """Refresh the cell's heartbeat from a thread while the cell runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a missed beat is retried at the next one
+                sweep.beat(key, worker)
+
+    thread = threading.Thread(target=loop, name=f"heartbeat {key}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def work(sweep: Sweep, cells: list[Cell], run_cell: Callable[[Cell], dict],
+         on_done: Callable[[Cell, dict], None] = lambda cell, metrics: None, poll_s: float = HEARTBEAT_S) -> int:
+    """Add ``cells`` to the sweep and run them with the other workers until every one is finished or failed.
+
+    ``run_cell`` returns a cell's metrics; ``on_done`` is called after each cell
+    this worker finished. Returns the number of cells this worker ran.
+    """
+    worker = worker_name()
+    by_key = {c.key: c for c in cells}
+    sweep.add(cells)
+    keys = list(by_key)
+    ran = 0
+    waiting_shown = False
+    while True:
+        key = sweep.claim(worker, keys)
+        if key is None:
+            running = sweep.counts(keys).get("running", 0)
+            if not running:
+                return ran
+            if not waiting_shown:
+                log.info("sweep %s: nothing left to claim; waiting for %d cell(s) running elsewhere "
+                         "(one whose worker dies is taken over)", sweep.name, running)
+                waiting_shown = True
+            time.sleep(poll_s)
+            continue
+        waiting_shown = False
+        cell = by_key[key]
+        counts = sweep.counts(keys)
+        log.info("== cell %s: %s, %s, seed %d (%d done, %d running, %d to do)", sweep.name, cell.arm, cell.label,
+                 cell.seed, counts.get("done", 0), counts.get("running", 0), counts.get("todo", 0))
+        try:
+            with heartbeat(sweep, key, worker):
+                metrics = run_cell(cell)
+        except KeyboardInterrupt:
+            sweep.release(key, worker, None)
+            raise
+        except Exception as err:  # noqa: BLE001 - recorded in the table and reported at the end
+            log.error("cell %s failed: %s: %s", key, type(err).__name__, err)
+            sweep.release(key, worker, f"{type(err).__name__}: {err}")
+            continue
+        sweep.finish(key, worker, metrics)
+        ran += 1
+        on_done(cell, metrics)
