@@ -3,7 +3,7 @@ import json
 import mlflow
 import pytest
 
-from pipeline.experiment.cli import format_table, main
+from pipeline.experiment.cli import format_table, main, where_runs_are
 from pipeline.experiment.run import DEFAULT_ARMS as ARMS, METRICS, run_experiment
 from tests.conftest import TINY
 
@@ -69,3 +69,8 @@ def test_results_table_columns_line_up_for_long_defense_names():
     lines = format_table({"benign": row, "auror_output_layer": row}).splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].startswith("auror_output_layer ") and lines[1].rstrip().endswith("-")
+
+
+def test_the_runs_line_names_a_tracking_server_or_the_local_ui_command():
+    assert where_runs_are("http://127.0.0.1:5000") == "http://127.0.0.1:5000 (the MLflow tracking server)"
+    assert where_runs_are("sqlite:///mlruns/mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"

@@ -15,6 +15,13 @@ from pipeline.experiment.sweep import CellsFailed
 DEFAULT_PARAMS = "params.yaml"
 
 
+def where_runs_are(tracking_uri: str) -> str:
+    """How to look at the runs: the server's address, or the ``mlflow ui`` command for a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri} (the MLflow tracking server)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def format_table(results: dict[str, dict[str, float | None]]) -> str:
     metrics = list(next(iter(results.values())))
     width = max(len(m) for m in metrics)
@@ -48,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"\n{time.perf_counter() - start:.1f} s. Final metrics: {Path(cfg.tracking.reports_dir) / 'latest.json'}, "
           f"plot: {Path(cfg.tracking.reports_dir) / 'latest.png'}")
-    print(f"Runs: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    print(f"Runs: {where_runs_are(cfg.tracking.tracking_uri)}")
     return 0
 
 
@@ -79,7 +86,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"  {key:20} {'-' if value is None else f'{value:.3f}'}")
         print("  " + "\n  ".join(best.user_attrs["overrides"]))
         print(f"Best params: {result.best_params_path}  (auror run --params {result.best_params_path})")
-    print(f"Runs: mlflow ui --backend-store-uri {load_config(args.params, overrides).tracking.tracking_uri} "
+    print(f"Runs: {where_runs_are(load_config(args.params, overrides).tracking.tracking_uri)} "
           f"(parent run {result.parent_run_id})")
     return 0
 
