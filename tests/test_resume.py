@@ -31,6 +31,8 @@ KILLER = textwrap.dedent("""
     from pipeline.experiment.cli import main
 
     sig, n = getattr(signal, sys.argv[1]), int(sys.argv[2])
+    # Ctrl-C as in a terminal, also when this runs under a shell that ignores SIGINT (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     train, calls = pipeline.core.loop.train_users, []
 
     def train_then_signal(*args, **kwargs):
