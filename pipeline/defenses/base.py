@@ -10,6 +10,7 @@ who is malicious.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -31,6 +32,11 @@ def check(ok: bool, key: str, message: str, value: Any) -> None:
     """One-line :class:`ConfigError` ``"<key>: <message>, got <value>"`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+def finite_number(value: Any) -> bool:
+    """A real number as YAML gives it (int or float, not a bool), not NaN or infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sort_columns(x: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
+from pipeline.core.server import Aggregate, Uploads, complete_rows
 from pipeline.defenses import register
 from pipeline.defenses.base import Defense, DefenseParams, argsort_columns, check
-from pipeline.defenses.krum import assumed_attackers, neighbour_scores, pairwise_sq_distances
+from pipeline.defenses.krum import (assumed_attackers, equal_weights, neighbour_scores, pairwise_sq_distances,
+                                    plain_mean)
 from pipeline.defenses.median import coordinate_median
 
 
@@ -86,11 +87,8 @@ class Bulyan(Defense):
         usable = complete_rows(updates)
         rows = usable.nonzero().squeeze(1)
         n = len(rows)
-        if n < 3:  # undefined: plain mean of the usable rows
-            weights = usable.to(updates.dtype) / max(n, 1)
-            return Aggregate(weighted_mean(updates, weights), weights)
+        if n < 3:
+            return plain_mean(updates, usable)
         f = assumed_attackers(self.params.byzantine_fraction, n, (n - 3) // 4)
         step, selected = bulyan(updates[rows], f)
-        weights = torch.zeros(updates.shape[0], dtype=updates.dtype, device=updates.device)
-        weights[rows[selected]] = 1 / len(selected)
-        return Aggregate(step, weights)
+        return Aggregate(step, equal_weights(updates, rows[selected]))

@@ -31,7 +31,6 @@ update's share of the mean), 0 for the others.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +40,7 @@ from sklearn.cluster import HDBSCAN
 from pipeline.core.device import seeded_generator
 from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, finite_number
 from pipeline.defenses.foolsgold import cosine_similarities
 
 # FLAME's noise stream in a round, apart from the users' and the loop's streams
@@ -86,7 +85,7 @@ class FlameParams(DefenseParams):
 
     def validate(self, key: str) -> None:
         lam = self.noise_lambda
-        check(isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam) and lam >= 0,
+        check(finite_number(lam) and lam >= 0,
               f"{key}.noise_lambda", "must be a finite number >= 0", lam)
 
 

@@ -33,7 +33,6 @@ the users with ``wv_i = 0`` and those without a whole upload this round.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ import torch
 
 from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, finite_number
 
 
 def cosine_similarities(rows: torch.Tensor) -> torch.Tensor:
@@ -85,7 +84,7 @@ class FoolsGoldParams(DefenseParams):
 
     def validate(self, key: str) -> None:
         k = self.confidence
-        check(isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and k > 0,
+        check(finite_number(k) and k > 0,
               f"{key}.confidence", "must be a finite number > 0", k)
 
 

@@ -77,6 +77,19 @@ class KrumParams(DefenseParams):
               self.byzantine_fraction)
 
 
+def plain_mean(updates: torch.Tensor, usable: torch.Tensor) -> Aggregate:
+    """Fewer than 3 whole updates, where Krum-style selections are undefined: the plain mean of the usable rows."""
+    weights = usable.to(updates.dtype) / max(int(usable.sum()), 1)
+    return Aggregate(weighted_mean(updates, weights), weights)
+
+
+def equal_weights(updates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Weight 1 / len(chosen) for the chosen rows of ``updates``, 0 for the others. (users,)."""
+    weights = torch.zeros(updates.shape[0], dtype=updates.dtype, device=updates.device)
+    weights[chosen] = 1 / len(chosen)
+    return weights
+
+
 @register
 class Krum(Defense):
     """Krum: the step is the one complete update with the lowest Krum score;
@@ -97,12 +110,8 @@ class Krum(Defense):
         usable = complete_rows(updates)
         rows = usable.nonzero().squeeze(1)
         n = len(rows)
-        if n < 3:  # undefined: plain mean of the usable rows
-            weights = usable.to(updates.dtype) / max(n, 1)
-            return Aggregate(weighted_mean(updates, weights), weights)
+        if n < 3:
+            return plain_mean(updates, usable)
         f = assumed_attackers(self.params.byzantine_fraction, n, n - 3)
-        m = self.num_selected(n, f)
-        chosen = rows[multi_krum_select(updates[rows], f, m)]
-        weights = torch.zeros(updates.shape[0], dtype=updates.dtype, device=updates.device)
-        weights[chosen] = 1 / m
-        return Aggregate(updates[chosen].mean(0), weights)
+        chosen = rows[multi_krum_select(updates[rows], f, self.num_selected(n, f))]
+        return Aggregate(updates[chosen].mean(0), equal_weights(updates, chosen))

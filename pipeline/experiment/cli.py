@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the defense tuned (--kind defense) or attacked (--kind attack); default auror")
     tune.add_argument("--n-trials", type=int, default=20,
                       help="the study's total of finished trials; re-running continues up to it (default 20)")
-    tune.add_argument("--storage", help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)")
+    tune.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
+                      "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
     tune.add_argument("--study-name", help="resume this study when it exists (default: <kind>-<dataset>)")
     tune.add_argument("--max-malicious-fraction", type=float,
                       help="attack study: at most this fraction of malicious users (default: the configured one)")

@@ -37,7 +37,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.core.checkpoint import write_atomic  # noqa: E402
-from pipeline.defenses import REGISTRY  # noqa: E402
 from pipeline.experiment.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.experiment.sweep import DEFAULT_STORAGE, Cell, CellsFailed, Sweep, config_hash, work  # noqa: E402
 
@@ -94,6 +93,15 @@ def cell_config(cfg: Config, arm: str) -> dict:
     if arm == "benign":
         knobs = {k: v for k, v in knobs.items() if not k.startswith("attack.") and k != "users.malicious_fraction"}
     return knobs
+
+
+def record_cells(root: Path, cells: list[Cell], results: dict[str, dict]) -> None:
+    """Write the finished ``cells`` (their metrics in ``results``, by key) into their arms' JSON files."""
+    for arm in dict.fromkeys(c.arm for c in cells if c.key in results):
+        by_label = load_cells(root, arm)
+        for cell in (c for c in cells if c.arm == arm and c.key in results):
+            by_label.setdefault(cell.label, {})[str(cell.seed)] = results[cell.key]
+        save_cells(root, arm, by_label)
 
 
 def plan_cells(params: str | None, overrides: list[str], settings: list[CompareSetting], seeds: list[int],
@@ -155,18 +163,12 @@ def run_cells(params: str | None, overrides: list[str], seeds: list[int], arms: 
              len(seeds), len({c.key for c in cells}), root)
 
     def record(done: Cell, metrics: dict) -> None:  # every cell sharing the run (the benign arm's settings)
-        for cell in (c for c in cells if c.key == done.key):
-            by_label = load_cells(root, cell.arm)
-            by_label.setdefault(cell.label, {})[str(cell.seed)] = metrics
-            save_cells(root, cell.arm, by_label)
+        record_cells(root, [c for c in cells if c.key == done.key], {done.key: metrics})
 
     try:
         run_sweep_cells(params, overrides, cells, sweep, track, record)
     finally:  # also the cells other workers finished
-        finished = sweep.results([c.key for c in cells])
-        for cell in cells:
-            if cell.key in finished and str(cell.seed) not in load_cells(root, cell.arm).get(cell.label, {}):
-                record(cell, finished[cell.key])
+        record_cells(root, cells, sweep.results([c.key for c in cells]))
     return root
 
 

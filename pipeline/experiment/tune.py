@@ -62,7 +62,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
