@@ -1,5 +1,6 @@
-"""A LightningDataModule that gives every user its own (possibly poisoned)
-training set and keeps a held-out test set."""
+"""A LightningDataModule that gives every user its own training set and keeps
+a held-out test set. What malicious users do to their data is the attack's
+(``pipeline.attacks``), applied after :meth:`FederatedDataModule.setup`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.users import choose_malicious, dirichlet_partition, iid_partition, poison_targeted
+from datamodules.users import choose_malicious, dirichlet_partition, iid_partition
+
+
+POISON_STREAM = 2  # the seed's random stream of an attack's data side (apart from the split's, 0, 1 and 3)
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -16,9 +20,9 @@ class FederatedDataModule(pl.LightningDataModule):
 
     After :meth:`setup`:
 
-    - ``train_x``, ``train_y``: the union of the users' data, labels as the
-      users hold them (poisoned for malicious users when ``poison`` is true);
-    - ``clean_train_y``: the true labels; ``poisoned``: mask of relabelled samples;
+    - ``train_x``, ``train_y``: the union of the users' data (clean: an attack
+      replaces them with what the malicious users hold);
+    - ``clean_train_y``: the true labels; ``poisoned``: mask of the samples an attack changed (none here);
     - ``user_indices``: one index tensor into ``train_x`` per user;
     - ``malicious``: boolean tensor, one entry per user;
     - ``root_indices``: the server's clean root set (FLTrust): ``root_size``
@@ -27,7 +31,7 @@ class FederatedDataModule(pl.LightningDataModule):
     - ``test_x``, ``test_y``: the held-out test set.
 
     The split and the choice of malicious users depend only on ``seed``, so
-    the benign arm (``poison=False``) and the attacked arms share them.
+    the benign arm and the attacked arms share them.
     """
 
     num_classes: int
@@ -37,10 +41,6 @@ class FederatedDataModule(pl.LightningDataModule):
         self,
         num_users: int,
         malicious_fraction: float,
-        source_class: int,
-        target_class: int,
-        poisoned_fraction: float,
-        poison: bool,
         seed: int,
         partition: str = "iid",
         dirichlet_alpha: float = 0.5,
@@ -57,8 +57,8 @@ class FederatedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         train_x, train_y, test_x, test_y = self.load_arrays()
-        # one generator per purpose, so that changing one never shifts another
-        split_rng, malicious_rng, poison_rng, root_rng = (np.random.default_rng([h.seed, k]) for k in range(4))
+        # one generator per purpose, so that changing one never shifts another (POISON_STREAM is the attack's)
+        split_rng, malicious_rng, root_rng = (np.random.default_rng([h.seed, k]) for k in (0, 1, 3))
         if h.partition == "dirichlet":
             indices = dirichlet_partition(train_y, h.num_users, h.dirichlet_alpha, h.min_samples, split_rng)
         else:
@@ -67,20 +67,19 @@ class FederatedDataModule(pl.LightningDataModule):
         if h.root_size:  # the root set is the server's: no user holds those samples
             indices = [np.setdiff1d(i, root, assume_unique=True) for i in indices]
         malicious = choose_malicious(h.num_users, h.malicious_fraction, malicious_rng)
-        labels, poisoned = train_y, np.zeros(len(train_y), dtype=bool)
-        if h.poison:
-            labels, poisoned = poison_targeted(
-                train_y, indices, malicious, h.source_class, h.target_class, h.poisoned_fraction, poison_rng
-            )
         self.train_x = torch.as_tensor(train_x)
-        self.train_y = torch.as_tensor(labels)
-        self.clean_train_y = torch.as_tensor(train_y)
-        self.poisoned = torch.as_tensor(poisoned)
+        self.train_y = torch.as_tensor(train_y)
+        self.clean_train_y = self.train_y
+        self.poisoned = torch.zeros(len(train_y), dtype=torch.bool)
         self.user_indices = [torch.as_tensor(i) for i in indices]
         self.root_indices = torch.as_tensor(root, dtype=torch.long)
         self.malicious = torch.as_tensor(malicious)
         self.test_x = torch.as_tensor(test_x)
         self.test_y = torch.as_tensor(test_y)
+
+    def poison_rng(self) -> np.random.Generator:
+        """The attack's generator for the malicious users' data (seeded, its own stream)."""
+        return np.random.default_rng([self.hparams.seed, POISON_STREAM])
 
     def user_dataset(self, user: int) -> TensorDataset:
         idx = self.user_indices[user]

@@ -25,8 +25,7 @@ from lightning_modules.cnn import CNNClassifier
 from pipeline.core.local_training import train_users, user_batches
 
 DATA_ROOT = Path(os.environ.get("AUROR_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
-USERS = dict(num_users=3, malicious_fraction=0.34, source_class=1, target_class=7, poisoned_fraction=1.0,
-             poison=True, seed=0)
+USERS = dict(num_users=3, malicious_fraction=0.34, seed=0)
 
 
 def needs(subfolder: str) -> Path:

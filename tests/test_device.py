@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector
 from pipeline.defenses.auror import Auror
 from pipeline.core.checkpoint import Checkpoint
 from pipeline.experiment.config import ConfigError, FaultsConfig, ProtocolConfig, load_config
-from pipeline.experiment.run import MODELS, build_datamodule, run_arm, user_behaviour
+from pipeline.experiment.run import MODELS, build_datamodule, make_attack, run_arm, user_behaviour
 from pipeline.core.faults import inject_faults
 from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.device import describe_device, seeded_generator, select_device
@@ -121,7 +121,7 @@ def test_a_run_checkpointed_on_cuda_resumes_on_the_cpu(tmp_path):
         data = build_datamodule(cfg, poison=True)
         torch.manual_seed(cfg.seed)
         return CollaborativeLoop(MODELS["digits"](cfg, data), data, user_behaviour(cfg, data.malicious, True), rounds,
-                                 cfg.training.batch_size, cfg.seed, 1, 7, cfg.protocol, checkpoint=checkpoint,
+                                 cfg.training.batch_size, cfg.seed, make_attack(cfg), cfg.protocol, checkpoint=checkpoint,
                                  device=torch.device(device))
 
     loop(2, "cuda").run()

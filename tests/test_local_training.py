@@ -10,8 +10,7 @@ from pipeline.core.local_training import train_users, user_batches
 
 
 def small_setup():
-    data = DigitsDataModule(num_users=4, malicious_fraction=0.25, source_class=1, target_class=7,
-                            poisoned_fraction=1.0, poison=True, seed=0)
+    data = DigitsDataModule(num_users=4, malicious_fraction=0.25, seed=0)
     data.setup()
     torch.manual_seed(0)
     module = MLPClassifier(64, 10, hidden_sizes=[32, 16], lr=0.1)

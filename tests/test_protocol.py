@@ -4,7 +4,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from pipeline.experiment.config import load_config
-from pipeline.experiment.run import build_datamodule, run_arm, user_behaviour
+from pipeline.experiment.run import build_datamodule, make_attack, run_arm, user_behaviour
 from lightning_modules.mlp import MLPClassifier
 from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.loop import CollaborativeLoop
@@ -39,7 +39,7 @@ def test_default_protocol_is_plain_federated_averaging_bit_for_bit():
         expected = expected + ((local - expected) * behaviour.update_scale.unsqueeze(1)).mean(0)
 
     loop = CollaborativeLoop(module, data, behaviour, cfg.training.rounds, cfg.training.batch_size, cfg.seed,
-                             1, 7, cfg.protocol)
+                             make_attack(cfg), cfg.protocol)
     loop.run()
     assert torch.equal(parameters_to_vector(module.parameters()), expected)
 

@@ -2,6 +2,8 @@ import numpy as np
 
 from datamodules.digits import DigitsDataModule
 from datamodules.users import choose_malicious, iid_partition, poison_targeted
+from pipeline.attacks.base import UserData
+from pipeline.attacks.label_flip import flip_labels
 
 
 def test_iid_partition_covers_every_sample_exactly_once():
@@ -32,10 +34,14 @@ def test_poisoning_relabels_exactly_the_expected_samples():
 
 
 def make_digits(poison, seed=0, **overrides):
-    kw = dict(num_users=5, malicious_fraction=0.4, source_class=1, target_class=7,
-              poisoned_fraction=1.0, poison=poison, seed=seed)
+    """The digits users; with ``poison``, after the label_flip attack's data side (1 -> 7, every source sample)."""
+    kw = dict(num_users=5, malicious_fraction=0.4, seed=seed)
     data = DigitsDataModule(**{**kw, **overrides})
     data.setup()
+    if poison:
+        poisoned = flip_labels(UserData(data.train_x, data.train_y, data.user_indices, data.malicious), 1, 7, 1.0,
+                               data.poison_rng())
+        data.train_y, data.poisoned = poisoned.y, poisoned.poisoned
     return data
 
 

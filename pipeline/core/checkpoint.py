@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pipeline.experiment.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 class CheckpointError(ConfigError):

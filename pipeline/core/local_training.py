@@ -206,14 +206,18 @@ def train_users(
     y: torch.Tensor,
     schedule: torch.Tensor,
     lr_multipliers: torch.Tensor,
+    pull: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Start every user from ``global_params`` (``(P,)``, or ``(users, P)``: one start each), run the ``schedule`` of
     mini-batches, and return the users' local parameters as ``(users, P)``.
 
     Each user minimises the mean loss of its own batch with the module's
     optimiser; user ``u``'s learning rate is scaled by ``lr_multipliers[u]``
-    (its gradient is scaled, which for SGD is the same). Everything runs on
-    the device of ``x``; the result is there too.
+    (its gradient is scaled, which for SGD is the same). ``pull[u] > 0`` adds
+    ``pull[u] / 2 * ||theta_u - start_u||^2`` to user ``u``'s loss: after each of
+    its steps its parameters move ``lr * pull[u]`` of the way back towards its
+    start (an attacker's anomaly term, see ``model_replacement``). Everything runs
+    on the device of ``x``; the result is there too.
 
     Users with fewer local epochs (or fewer samples) finish early. With plain
     SGD, which keeps no state, each run of steps with the same users still
@@ -224,14 +228,15 @@ def train_users(
     steps, num_users, _ = schedule.shape
     local = global_params.detach().to(x.device).expand(num_users, -1).clone()
     if plain_sgd_groups(module.make_optimizer(list(module.parameters()))) is None:
-        return _train_together(module, local, x, y, schedule, lr_multipliers)
+        return _train_together(module, local, x, y, schedule, lr_multipliers, pull)
     training, lengths = torch.unique_consecutive((schedule >= 0).any(2), dim=0, return_counts=True)
     start = 0
     for users, length in zip(training, lengths.tolist()):
         users = users.nonzero().squeeze(1)
         if len(users):
             local[users.to(x.device)] = _train_together(
-                module, local[users.to(x.device)], x, y, schedule[start : start + length, users], lr_multipliers[users]
+                module, local[users.to(x.device)], x, y, schedule[start : start + length, users], lr_multipliers[users],
+                None if pull is None else pull[users],
             )
         start += length
     return local
@@ -244,6 +249,7 @@ def _train_together(
     y: torch.Tensor,
     schedule: torch.Tensor,
     lr_multipliers: torch.Tensor,
+    pull: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`train_users` for users that all train at every step of ``schedule``;
     ``flat`` is ``(users, P)``."""
@@ -297,12 +303,19 @@ def _train_together(
     scale = lr_multipliers.to(device=device, dtype=flat.dtype) / valid.sum(2).clamp(min=1)  # (steps, users)
     sample_weight = (valid * scale.unsqueeze(2)).flatten(1)  # (steps, users * batch)
     rows = schedule.clamp(min=0).flatten(1)  # (steps, users * batch)
+    pulled = None
+    if pull is not None and bool((pull > 0).any()):
+        lr_default = float(module.hparams.lr)
+        pulled = [(p, p.detach().clone(), lr_of.get(id(p), lr_default)) for p in params]  # (leaf, start, lr)
+        pull = pull.to(device=device, dtype=flat.dtype)
     for step in range(steps):
         index = rows[step]
         xb = inputs.index_select(0, index).view(num_users, batch_size, *inputs.shape[1:])
         yb = y.index_select(0, index)
         if fused:
             linear_sgd_step(module, layers, leaves, lr_of, xb, yb, sample_weight[step])
+            if pulled is not None:
+                _pull_back(pulled, pull * valid[step].any(1))
             continue
         losses = module.loss(forward(xb).flatten(0, 1), yb, reduction="none")
         grads = torch.autograd.grad((losses * sample_weight[step]).sum(), params)
@@ -315,4 +328,13 @@ def _train_together(
             with torch.no_grad():
                 for p, value in zip(params, kept):
                     p[finished] = value
+        if pulled is not None:
+            _pull_back(pulled, pull * valid[step].any(1))
     return result()
+
+
+def _pull_back(pulled: list[tuple[torch.Tensor, torch.Tensor, float]], weight: torch.Tensor) -> None:
+    """One gradient step of ``weight[u] / 2 * ||p_u - start_u||^2`` for every leaf (users first)."""
+    with torch.no_grad():
+        for p, start, lr in pulled:
+            p.sub_((p - start) * (lr * weight).view(-1, *[1] * (p.dim() - 1)))

@@ -1,5 +1,6 @@
-"""The collaborative rounds: download -> local training -> upload -> the
-server's guard -> the defense's aggregate -> evaluation -> callbacks.
+"""The collaborative rounds: download -> local training -> the attack's
+craft -> upload -> the server's guard -> the defense's aggregate ->
+evaluation -> callbacks.
 
 The server side (the guard and the defense) only ever receives
 :class:`~pipeline.core.server.Uploads`: user ids and update tensors, no data.
@@ -23,7 +24,7 @@ from pipeline.core.masking import (
     ProtocolConfig, add_laplace_noise, aggregate_per_coordinate, clip, download_merge, laplace_scale, mask_updates,
     num_kept, upload_mask,
 )
-from pipeline.core.metrics import accuracy, attack_success_rate
+from pipeline.core.metrics import accuracy
 from pipeline.core.server import Aggregate, ServerInputs, Uploads, parameter_layout, present_rows
 
 log = logging.getLogger("auror")
@@ -37,6 +38,27 @@ class ServerRule(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    """What an attack's update side sees in one round (before the upload)."""
+
+    round: int
+    own: torch.Tensor  # (attackers, P): the malicious users' updates after local training (and the boost)
+    honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
+    num_users: int  # every user of the round, honest and malicious
+
+
+class ClientAttack(Protocol):
+    """What the loop asks of an attack (see :class:`pipeline.attacks.base.Attack`)."""
+
+    omniscient: bool
+
+    def craft(self, updates: RoundUpdates) -> torch.Tensor: ...
+
+    def success_rate(self, predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                     predicted: torch.Tensor) -> float | None: ...
 
 
 class Callback:
@@ -77,6 +99,8 @@ class UserBehaviour:
     epochs: list[int]
     lr_multipliers: torch.Tensor  # (users,)
     update_scale: torch.Tensor  # (users,): the boost applied to the update before upload
+    attackers: torch.Tensor  # bool (users,): the users whose uploads the attack crafts (none in the benign arm)
+    pull: torch.Tensor | None = None  # (users,): weight of a pull towards the global model in the local loss
 
 
 @dataclass
@@ -87,8 +111,8 @@ class CollaborativeLoop:
     rounds: int
     batch_size: int
     seed: int
-    source_class: int
-    target_class: int
+    # the attack's update side (for behaviour.attackers) and its success metric (in every arm)
+    attack: ClientAttack
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     callbacks: list[Callback] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
@@ -123,15 +147,27 @@ class CollaborativeLoop:
                               torch.ones(1, device=self.device))
         return (trained - start)[0]
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float | None]:
+        """Accuracy on the test set and the attack's success (``None`` for an untargeted attack)."""
         self.module.eval()
         with torch.no_grad():
-            predicted = self.module(self.test_x).argmax(1)
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                return self.module(x).argmax(1)
+
+            predicted = predict(self.test_x)
+            success = self.attack.success_rate(predict, self.test_x, self.test_y, predicted)
         self.module.train()
-        return {
-            "accuracy": accuracy(predicted, self.test_y),
-            "attack_success_rate": attack_success_rate(predicted, self.test_y, self.source_class, self.target_class),
-        }
+        return {"accuracy": accuracy(predicted, self.test_y), "attack_success_rate": success}
+
+    def craft(self, round_: int, updates: torch.Tensor) -> torch.Tensor:
+        """The attackers' rows of ``updates`` replaced by what the attack uploads; it sees the
+        honest rows only when it is omniscient."""
+        attackers = self.behaviour.attackers.to(updates.device)
+        honest = updates[~attackers] if self.attack.omniscient else None
+        crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers)))
+        updates = updates.clone()
+        updates[attackers] = crafted.to(updates.dtype)
+        return updates
 
     def run(self) -> dict[str, float]:
         """Run every round (from the checkpoint's next one when there is a
@@ -156,8 +192,11 @@ class CollaborativeLoop:
             generator = seeded_generator(self.seed, round_, PROTOCOL_STREAM)
             start = download_merge(global_params, local_params, protocol.theta_d, generator)
             schedule = user_batches(data.user_indices, b.epochs, self.batch_size, self.seed, round_)
-            local_params = train_users(self.module, start, self.train_x, self.train_y, schedule, b.lr_multipliers)
+            local_params = train_users(self.module, start, self.train_x, self.train_y, schedule, b.lr_multipliers,
+                                       b.pull)
             updates = (local_params - start) * update_scale
+            if b.attackers.any():  # the attack's update side, before the protocol's upload
+                updates = self.craft(round_, updates)
             sent = upload(updates, protocol, generator)
             if faulty_this_round(self.faults, round_):  # faulty clients, from the config's faults section
                 sent = inject_faults(sent, self.faults, round_, seeded_generator(self.seed, round_, FAULT_STREAM))

@@ -111,7 +111,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--no-report: with --report-only there is nothing left to do; drop one")
     md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only,
                      track=not args.no_track, report=not args.no_report, storage=args.storage,
-                     sweep_name=args.sweep_name)
+                     sweep_name=args.sweep_name, attacks=args.attacks)
     if md is None:
         print(f"\nCells: {Path(cfg.tracking.reports_dir) / 'compare' / cfg.data.name}")
         return 0
@@ -151,6 +151,17 @@ def cmd_defenses(args: argparse.Namespace) -> int:
         print(f"{name.ljust(width)}  {defense.summary}")
     print("\nEach is an arm of auror run (--arms benign attack auror krum ...), with its parameters in the "
           "config section defense.<name>; none is the attack arm's aggregation.")
+    return 0
+
+
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from pipeline.attacks import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name, attack in REGISTRY.items():
+        print(f"{name.ljust(width)}  {attack.summary}{' [omniscient]' if attack.omniscient else ''}")
+    print("\nChoose one with --set attack.name=<name>; its parameters are the config section attack.<name>, the "
+          "shared ones (source_class, target_class, malicious_epochs, boost...) are in attack.")
     return 0
 
 
@@ -209,11 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--from", dest="from_dir", metavar="DIR",
                         help="build the table from the DVC stages' outputs under DIR instead of running")
     report.set_defaults(func=cmd_report)
-    compare = sub.add_parser("compare", help="every defense on the same data, attack and seeds (IID 10/20/30%% "
-                             "and Dirichlet(0.5) 30%% malicious); resumable; writes compare_<dataset>.md/.json/.png")
+    compare = sub.add_parser("compare", help="every defense against every attack on the same data and seeds "
+                             "(label flipping: IID 10/20/30%% and Dirichlet(0.5) 30%% malicious; other attacks: IID "
+                             "and Dirichlet(0.5) 30%%); resumable; writes compare_<dataset>.md/.json/.png")
     add_config_arguments(compare)
     compare.add_argument("--arms", nargs="+", metavar="ARM",
                          help="run only these arms' cells (default: benign, attack and every defense)")
+    compare.add_argument("--attacks", nargs="+", metavar="ATTACK",
+                         help="run only these attacks' cells (default: every attack of `auror attacks`; label_flip "
+                              "on the four settings, the others on IID 30%% and Dirichlet(0.5) 30%%)")
     compare.add_argument("--report-only", action="store_true",
                          help="run nothing: build the report from the finished cells")
     add_sweep_arguments(compare, "compare-<dataset>")
@@ -230,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
     defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
     defenses.set_defaults(func=cmd_defenses)
+    attacks = sub.add_parser("attacks", help="list the registered attacks (choose one with --set attack.name=...)")
+    attacks.set_defaults(func=cmd_attacks)
     return parser
 
 

@@ -20,6 +20,7 @@ from pipeline.core.device import check_device_name
 from pipeline.core.errors import ConfigError
 from pipeline.core.faults import FaultsConfig
 from pipeline.core.masking import ProtocolConfig
+from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
 
 
@@ -44,15 +45,26 @@ class UsersConfig:
 
 
 @dataclass
-class AttackConfig:
+class AttackSettings:
+    """What every attack shares; each attack's own parameters are its section ``attack.<name>``."""
+
+    name: str = "label_flip"  # a registered attack (`auror attacks`)
+    # the targeted attacks' classes (a backdoor's target is target_class)
     source_class: int = 1
     target_class: int = 7
-    # fraction of each malicious user's source-class samples relabelled
+    # label_flip, auror_adaptive: fraction of each malicious user's source-class samples relabelled
     poisoned_fraction: float = 1.0
+    # the attackers' local training (attacks that train on poisoned data)
     malicious_epochs: int = 3
     malicious_lr_multiplier: float = 1.0
-    # malicious updates are multiplied by this before upload
+    # label_flip, backdoor, auror_adaptive: malicious updates are multiplied by this before upload
     boost: float = 3.0
+
+
+# the shared settings, then one section per registered attack, ``attack.<name>``
+AttackConfig = dataclasses.make_dataclass(
+    "AttackConfig", [(name, cls.Params, field(default_factory=cls.Params)) for name, cls in ATTACKS.items()],
+    bases=(AttackSettings,))
 
 
 # one section per registered defense, ``defense.<name>``, holding its own parameters dataclass
@@ -102,7 +114,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """``{"section.key": value}`` (``defense.<name>.key`` for the defenses' sections), for MLflow params."""
+        """``{"section.key": value}`` (``defense.<name>.key``, ``attack.<name>.key`` for the plug-ins' sections),
+        for MLflow params."""
         return _flatten(self.to_dict())
 
 
@@ -196,12 +209,16 @@ def validate(cfg: Config) -> Config:
     for key in ("source_class", "target_class"):
         value = getattr(a, key)
         _check(0 <= value < num_classes, f"attack.{key}", f"must be a class of {d.name} (0..{num_classes - 1})", value)
+    _check(a.name in ATTACKS, "attack.name", f"must be one of {', '.join(ATTACKS)}", a.name)
     _check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
     _check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
     _check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
     _check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
            a.malicious_lr_multiplier)
     _check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
+    for name in ATTACKS:
+        getattr(a, name).validate(f"attack.{name}")
+    ATTACKS[a.name].check_config(getattr(a, a.name), cfg, f"attack.{a.name}")
     _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
     _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
     _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)

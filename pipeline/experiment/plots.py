@@ -18,11 +18,12 @@ def plot_rounds(histories: dict[str, list[dict]], path: str | Path, title: str =
     for arm, history in histories.items():
         rounds = [h["round"] for h in history]
         for ax, key in zip(axes, ("accuracy", "attack_success_rate")):
-            (line,) = ax.plot(rounds, [h[key] for h in history], label=arm, marker=".")
+            values = [float("nan") if h[key] is None else h[key] for h in history]  # untargeted attacks: no SR
+            (line,) = ax.plot(rounds, values, label=arm, marker=".")
             detected = (detection_rounds or {}).get(arm)
             if detected:
                 ax.axvline(detected, color=line.get_color(), linestyle=":", linewidth=1)
-    for ax, label in zip(axes, ("test accuracy", "attack success rate (source -> target)")):
+    for ax, label in zip(axes, ("test accuracy", "attack success rate")):
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)

@@ -1,9 +1,12 @@
 """One experiment: the same seed and data split, several arms.
 
 - ``benign``: nobody attacks, no defense (the reference model M_B);
-- ``attack``: the malicious users poison their data, no defense (M_P);
+- ``attack``: the malicious users run the attack ``attack.name``, no defense (M_P);
 - one arm per registered defense (``auror``, ``krum``, ...): the same attack,
   that defense on the server (for AUROR, the paper's M_A).
+
+Every arm measures the attack's own success metric (the benign arm too: its
+baseline).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from lightning_modules.cnn import CNNClassifier
 from lightning_modules.mlp import MLPClassifier
 from pipeline.core.checkpoint import Checkpoint
 from pipeline.core.device import describe_device, select_device
+from pipeline.attacks import REGISTRY as ATTACKS
+from pipeline.attacks.base import Attack, UserData
 from pipeline.core.loop import Callback, CollaborativeLoop, UserBehaviour
 from pipeline.core.metrics import defense_detection_rates
 from pipeline.defenses import REGISTRY
@@ -85,17 +90,22 @@ def check_arms(cfg: Config, arms: Sequence[str]) -> list[str]:
     return [a for a in ARMS if a in arms]
 
 
+def make_attack(cfg: Config) -> Attack:
+    """The configured attack (``attack.name``) with its own section."""
+    return ATTACKS[cfg.attack.name](getattr(cfg.attack, cfg.attack.name), cfg.attack)
+
+
 def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> FederatedDataModule:
-    """Prepare (download when allowed) and set up the users' data.
+    """Prepare (download when allowed) and set up the users' data; when ``poison``, the
+    malicious users' data as the configured attack leaves it (:func:`poison_users`).
 
     ``root_size`` samples are held out as the server's root set (FLTrust).
     Raises ``DatasetMissingError`` when the data cannot be found, and
     :class:`ConfigError` when the partition leaves a user too few samples.
     """
-    a, u = cfg.attack, cfg.users
+    u = cfg.users
     data = DATAMODULES[cfg.data.name](
-        cfg, num_users=u.num_users, malicious_fraction=u.malicious_fraction, source_class=a.source_class,
-        target_class=a.target_class, poisoned_fraction=a.poisoned_fraction, poison=poison, seed=cfg.seed,
+        cfg, num_users=u.num_users, malicious_fraction=u.malicious_fraction, seed=cfg.seed,
         partition=u.partition, dirichlet_alpha=u.dirichlet_alpha, min_samples=u.min_samples, root_size=root_size,
     )
     data.prepare_data()
@@ -107,7 +117,18 @@ def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> Federated
     if fewest < u.min_samples:  # the Dirichlet partition checks it itself
         raise ConfigError(f"users.num_users: {u.num_users} users leave one with {fewest} training samples, fewer "
                           f"than users.min_samples={u.min_samples}")
+    if poison:
+        attack = make_attack(cfg)
+        attack.setup(data.train_x)
+        poison_users(data, attack)
     return data
+
+
+def poison_users(data: FederatedDataModule, attack: Attack) -> None:
+    """The attack's data side: the malicious users' data replaced by what they train on."""
+    poisoned = attack.poison_data(UserData(data.train_x, data.train_y, data.user_indices, data.malicious),
+                                  data.poison_rng())
+    data.train_x, data.train_y, data.poisoned = poisoned.x, poisoned.y, poisoned.poisoned
 
 
 def prepare_dataset(cfg: Config) -> Path:
@@ -124,12 +145,19 @@ def prepare_dataset(cfg: Config) -> Path:
 
 
 def user_behaviour(cfg: Config, malicious: torch.Tensor, attacking: bool) -> UserBehaviour:
-    """Honest users train ``training.local_epochs``; attacking users use the attack's knobs."""
+    """Honest users train ``training.local_epochs``; attacking users use the shared attack knobs
+    their attack reads (``malicious_epochs``, ``malicious_lr_multiplier``, ``boost``), and
+    ``model_replacement``'s anomaly weight ``w`` as ``(1 - w)`` on their loss plus the pull ``2 w``."""
     a, attackers = cfg.attack, malicious & attacking
+    attack = ATTACKS[a.name]
+    trains = attackers & attack.trains_maliciously
+    anomaly = getattr(getattr(a, a.name), "anomaly_weight", 0.0)
     return UserBehaviour(
-        epochs=[a.malicious_epochs if m else cfg.training.local_epochs for m in attackers.tolist()],
-        lr_multipliers=torch.where(attackers, a.malicious_lr_multiplier, 1.0),
-        update_scale=torch.where(attackers, a.boost, 1.0),
+        epochs=[a.malicious_epochs if m else cfg.training.local_epochs for m in trains.tolist()],
+        lr_multipliers=torch.where(trains, a.malicious_lr_multiplier * (1 - anomaly), 1.0),
+        update_scale=torch.where(attackers & attack.boosted, a.boost, 1.0),
+        attackers=attackers,
+        pull=torch.where(attackers, 2 * anomaly, 0.0) if anomaly > 0 else None,
     )
 
 
@@ -139,12 +167,16 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
     The returned module is on the CPU."""
     name = arm_defense(arm)
     defense, params = REGISTRY[name], getattr(cfg.defense, name)
-    data = build_datamodule(cfg, poison=arm != "benign", root_size=params.root_size if defense.needs_root_data else 0)
+    attack = make_attack(cfg)
+    data = build_datamodule(cfg, poison=False, root_size=params.root_size if defense.needs_root_data else 0)
+    attack.setup(data.train_x)
+    if arm != "benign":
+        poison_users(data, attack)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
     module = MODELS[cfg.data.name](cfg, data)
     loop = CollaborativeLoop(
         module, data, user_behaviour(cfg, data.malicious, arm != "benign"), cfg.training.rounds,
-        cfg.training.batch_size, cfg.seed, cfg.attack.source_class, cfg.attack.target_class, cfg.protocol,
+        cfg.training.batch_size, cfg.seed, attack, cfg.protocol,
         callbacks=list(callbacks), faults=cfg.faults, checkpoint=checkpoint,
         device=select_device(cfg.training.device), make_defense=lambda server: defense(params, server),
         root_epochs=cfg.training.local_epochs,
@@ -257,9 +289,11 @@ def _run_seed(cfg: Config, experiment_id: str | None, arms: Sequence[str] = DEFA
 
 
 def arm_params(cfg: Config, arm: str) -> dict:
-    """The config as MLflow params, with only this arm's defense section (the others do not apply)."""
-    own = f"defense.{arm_defense(arm)}."
-    return {k: v for k, v in cfg.flat().items() if not k.startswith("defense.") or k.startswith(own)}
+    """The config as MLflow params, with only this arm's defense section and the configured attack's
+    section (the others do not apply)."""
+    own = (f"defense.{arm_defense(arm)}.", f"attack.{cfg.attack.name}.")
+    others = tuple(f"attack.{name}." for name in ATTACKS)
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(("defense.", *others)) or k.startswith(own)}
 
 
 def _finish(result: ArmResult, done: dict[str, ArmResult]) -> ArmResult:

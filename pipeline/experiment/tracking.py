@@ -63,9 +63,14 @@ def git_commit() -> str:
 
 def run_tags(cfg: Config, arm: str) -> dict[str, str]:
     """Tags that let ``mlflow ui`` filter and compare arms."""
+    from pipeline.experiment.run import make_attack
+
     return {
         "arm": arm,
         "dataset": cfg.data.name,
+        "attack": cfg.attack.name,
+        # what attack_success_rate measures: source_to_target, backdoor, or accuracy_drop (untargeted: SR empty)
+        "attack.success_metric": make_attack(cfg).success_metric,
         "malicious_fraction": str(cfg.users.malicious_fraction),
         "defense": "none" if arm in ("benign", "attack") else arm,
         "seed": str(cfg.seed),
@@ -75,14 +80,16 @@ def run_tags(cfg: Config, arm: str) -> dict[str, str]:
 
 
 def run_name(cfg: Config, arm: str) -> str:
-    return f"{cfg.data.name}-{arm}-f{cfg.users.malicious_fraction:g}-seed{cfg.seed}"
+    """``<dataset>-<arm>-f<fraction>-seed<seed>``, the attack's name after the dataset unless label_flip."""
+    attack = "" if cfg.attack.name == "label_flip" else f"-{cfg.attack.name}"
+    return f"{cfg.data.name}{attack}-{arm}-f{cfg.users.malicious_fraction:g}-seed{cfg.seed}"
 
 
 class MlflowRoundLogger(Callback):
     """Logs every round's metrics to the active MLflow run."""
 
     def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=round_)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=round_)  # untargeted: no SR
 
 
 class ProgressLogger(Callback):
@@ -100,5 +107,6 @@ class ProgressLogger(Callback):
         now = time.monotonic()
         if round_ % self.every == 0 or round_ == loop.rounds or now - self.last >= self.quiet_s:
             self.last = now
-            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %.3f  (%.0f s)", self.arm, round_,
-                     loop.rounds, metrics["accuracy"], metrics["attack_success_rate"], now - self.started)
+            success = metrics["attack_success_rate"]
+            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %s  (%.0f s)", self.arm, round_,
+                     loop.rounds, metrics["accuracy"], "-" if success is None else f"{success:.3f}", now - self.started)

@@ -16,10 +16,12 @@ Two kinds of study, both maximised, every trial one run of the defense's arm
   user, no attack success, no accuracy lost); SR cannot fall below the
   benign model's own confusion of source as target. A robust aggregator that
   flags nobody counts DR = FPR = 0.
-- ``attack``: searches ``attack.poisoned_fraction``, ``attack.boost``,
-  ``attack.malicious_epochs``, ``attack.malicious_lr_multiplier`` and the
-  number of malicious users (at most ``max_malicious_fraction`` of them)
-  against the chosen defense; the objective is the defense arm's SR.
+- ``attack``: searches the configured attack's knobs (``attack.name``; its
+  ``search_ranges``: for ``label_flip`` ``attack.poisoned_fraction``,
+  ``attack.boost``, ``attack.malicious_epochs``, ``attack.malicious_lr_multiplier``)
+  and the number of malicious users (at most ``max_malicious_fraction`` of
+  them) against the chosen defense; the objective is the defense arm's SR
+  (the accuracy drop for an untargeted attack).
 
 The first trial of a new study is the configured setting itself (a baseline).
 Every round reports its value (the same formula on that round's model and
@@ -65,6 +67,7 @@ import optuna  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from pipeline.attacks import REGISTRY as ATTACKS  # noqa: E402
 from pipeline.core.device import select_device  # noqa: E402
 from pipeline.core.loop import Callback, CollaborativeLoop  # noqa: E402
 from pipeline.core.metrics import defense_detection_rates  # noqa: E402
@@ -84,11 +87,6 @@ MAX_RETRIES = 3  # a trial whose worker died runs again at most this often
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_trials
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it names the best-params file
 
-# the attack's search ranges (each defense holds its own)
-POISONED_FRACTION_RANGE = (0.1, 1.0)
-BOOST_RANGE = (1.0, 10.0)
-MALICIOUS_EPOCHS_RANGE = (1, 5)
-LR_MULTIPLIER_RANGE = (0.5, 4.0)
 
 
 def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
@@ -110,13 +108,14 @@ def defense_objective(detection_rate: float, false_positive_rate: float, attack_
     return detection_rate - false_positive_rate - attack_success_rate - max(accuracy_drop, 0.0)
 
 
-def attack_objective(attack_success_rate: float) -> float:
-    return attack_success_rate
+def attack_objective(attack_success_rate: float | None, accuracy_drop: float) -> float:
+    """The attack's success: its SR, or the accuracy drop for an untargeted attack (no SR)."""
+    return accuracy_drop if attack_success_rate is None else attack_success_rate
 
 
 def objective_value(kind: str, metrics: dict[str, float | None]) -> float:
     if kind == "attack":
-        return attack_objective(metrics["attack_success_rate"])
+        return attack_objective(metrics["attack_success_rate"], metrics["accuracy_drop"])
     # a rule that flags nobody (median, trimmed mean...) has DR = FPR = None: they count 0
     return defense_objective(metrics["detection_rate"] or 0.0, metrics["false_positive_rate"] or 0.0,
                              metrics["attack_success_rate"], metrics["accuracy_drop"])
@@ -130,13 +129,10 @@ def max_malicious_users(cfg: Config, budget: float) -> int:
 
 
 def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
-    poisoned = trial.suggest_float("attack.poisoned_fraction", *POISONED_FRACTION_RANGE)
-    boost = trial.suggest_float("attack.boost", *BOOST_RANGE, log=True)
-    epochs = trial.suggest_int("attack.malicious_epochs", *MALICIOUS_EPOCHS_RANGE)
-    lr = trial.suggest_float("attack.malicious_lr_multiplier", *LR_MULTIPLIER_RANGE, log=True)
+    """The configured attack's search space and the number of malicious users, as overrides."""
+    overrides = ATTACKS[cfg.attack.name].search_space(trial, cfg)
     users = trial.suggest_int("users.malicious_users", 1, max_malicious_users(cfg, budget))
-    return [f"attack.poisoned_fraction={poisoned!r}", f"attack.boost={boost!r}", f"attack.malicious_epochs={epochs}",
-            f"attack.malicious_lr_multiplier={lr!r}", f"users.malicious_fraction={users / cfg.users.num_users!r}"]
+    return [*overrides, f"users.malicious_fraction={users / cfg.users.num_users!r}"]
 
 
 def suggest(kind: str, defense: str, trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
@@ -150,9 +146,7 @@ def baseline_params(kind: str, defense: str, cfg: Config) -> dict:
     """The configured setting as trial parameters: the first trial of a new study."""
     if kind == "defense":
         return REGISTRY[defense].baseline(getattr(cfg.defense, defense), cfg)
-    a = cfg.attack
-    return {"attack.poisoned_fraction": a.poisoned_fraction, "attack.boost": a.boost,
-            "attack.malicious_epochs": a.malicious_epochs, "attack.malicious_lr_multiplier": a.malicious_lr_multiplier,
+    return {**ATTACKS[cfg.attack.name].baseline(cfg),
             "users.malicious_users": max(1, round(cfg.users.malicious_fraction * cfg.users.num_users))}
 
 
@@ -161,7 +155,7 @@ def warmup_rounds(kind: str, defense: str, cfg: Config) -> int:
     cls, params = REGISTRY[defense], getattr(cfg.defense, defense)
     if kind == "defense":
         return cls.warmup_rounds(params, cfg)
-    return getattr(params, "window_rounds", 1)
+    return max(getattr(params, "window_rounds", 1), ATTACKS[cfg.attack.name].warmup_rounds(cfg))
 
 
 # -- per-round reporting ----------------------------------------------------------------------------
@@ -226,8 +220,11 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
     check_arms(cfg, [spec.defense])
     if spec.kind == "defense" and not REGISTRY[spec.defense].search_ranges:
         raise ConfigError(f"--defense: {spec.defense} has no parameters to search (tune --kind attack against it)")
-    # AUROR's studies keep their historical names (defense-digits); the others carry the defense's
-    name = spec.study_name or "-".join([spec.kind, *([spec.defense] if spec.defense != "auror" else []), cfg.data.name])
+    # AUROR's studies of label flipping keep their historical names (defense-digits); the others carry
+    # the defense's name, and an attack study the attack's
+    attack = [cfg.attack.name] if spec.kind == "attack" and cfg.attack.name != "label_flip" else []
+    name = spec.study_name or "-".join([spec.kind, *attack, *([spec.defense] if spec.defense != "auror" else []),
+                                        cfg.data.name])
     if not STUDY_NAME.match(name):
         raise ConfigError(f"--study-name: letters, digits, '.', '_' and '-' only, got {name!r}")
     budget = cfg.users.malicious_fraction if spec.max_malicious_fraction is None else spec.max_malicious_fraction
@@ -248,6 +245,7 @@ def study_setting(kind: str, defense: str, cfg: Config, budget: float) -> dict:
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
     config["training"] = {k: v for k, v in config["training"].items() if k != "device"}
     config["defense"] = {defense: config["defense"][defense]}
+    config["attack"] = {k: v for k, v in config["attack"].items() if k not in ATTACKS or k == cfg.attack.name}
     return json.loads(json.dumps({"kind": kind, "defense": defense, "config": config,
                                   "max_malicious_fraction": budget}))
 

@@ -1,0 +1,88 @@
+"""A targeted attacker that knows AUROR (the evasion the AUROR paper discusses in Sec. 7).
+
+AUROR flags a user who sits in the minority cluster of too many indicative
+features: features whose 1-D 2-means centres lie more than ``alpha`` apart. This
+attacker poisons like ``label_flip`` (source -> target, ``attack.poisoned_fraction``,
+``attack.malicious_epochs``, boosted by ``attack.boost``), then, seeing the honest
+updates of the round (omniscient), moves every coordinate of its update into
+the honest users' spread: ``mean + clip(own - mean, -b, b)`` with
+``b = spread * std`` of the honest updates (so no single feature separates it
+from the honest users) and, when ``max_shift > 0``, ``b <= max_shift`` (its change
+spread over many features, each below AUROR's ``alpha``). ``spread`` is the knob
+of how close to the honest distribution it stays.
+
+AUROR decides once, from the updates of its first ``window_rounds`` rounds.
+``stealth_rounds > 0`` uses that: the attacker stays within the spread for
+those rounds only and uploads its whole boosted update after them (0: within
+the spread in every round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.attacks import register
+from pipeline.attacks.base import Attack, AttackParams, Poisoned, RoundUpdates, UserData, check, finite_number, \
+    honest_spread
+from pipeline.attacks.label_flip import flip_labels
+
+
+def within_spread(own: torch.Tensor, honest: torch.Tensor, spread: float, max_shift: float) -> torch.Tensor:
+    """``own`` (attackers, P) clipped, coordinate by coordinate, to ``mean +- b`` of the honest updates,
+    ``b = spread * std`` (and ``<= max_shift`` when it is > 0)."""
+    mean, std = honest_spread(honest)
+    bound = spread * std
+    if max_shift > 0:
+        bound = bound.clamp_max(max_shift)
+    return mean + torch.minimum(torch.maximum(own - mean, -bound), bound)
+
+
+@dataclass
+class AurorAdaptiveParams(AttackParams):
+    spread: float = 1.0  # how far from the honest mean, in honest standard deviations per coordinate
+    max_shift: float = 0.0  # an absolute bound per coordinate as well (e.g. below AUROR's alpha); 0: none
+    stealth_rounds: int = 0  # within the spread in rounds 1..stealth_rounds only, unbounded after; 0: always
+
+    def validate(self, key: str) -> None:
+        check(finite_number(self.spread) and self.spread >= 0, f"{key}.spread", "must be a finite number >= 0",
+              self.spread)
+        check(finite_number(self.max_shift) and self.max_shift >= 0, f"{key}.max_shift",
+              "must be a finite number >= 0 (0: no absolute bound)", self.max_shift)
+        check(self.stealth_rounds >= 0, f"{key}.stealth_rounds", "must be >= 0 (0: every round)",
+              self.stealth_rounds)
+
+
+@register
+class AurorAdaptive(Attack):
+    """Label flipping whose every upload coordinate stays within the honest users' spread."""
+
+    name = "auror_adaptive"
+    summary = "label flipping kept inside the honest per-coordinate spread, to evade AUROR (adaptive)"
+    Params = AurorAdaptiveParams
+    omniscient = True
+    boosted = True
+    search_ranges = {
+        "attack.auror_adaptive.spread": (0.1, 4.0, True, False),
+        "attack.auror_adaptive.max_shift": (0.0, 0.05, False, False),
+        "attack.auror_adaptive.stealth_rounds": (0, 10, False, True),
+        "attack.poisoned_fraction": (0.1, 1.0, False, False),
+        "attack.boost": (1.0, 10.0, True, False),
+        "attack.malicious_epochs": (1, 5, False, True),
+    }
+
+    @classmethod
+    def warmup_rounds(cls, cfg) -> int:
+        """A stealthy trial attacks only after its stealth rounds: no pruning before the longest searched."""
+        return int(cls.search_ranges["attack.auror_adaptive.stealth_rounds"][1]) + 2
+
+    def poison_data(self, data: UserData, rng: np.random.Generator) -> Poisoned:
+        s = self.settings
+        return flip_labels(data, s.source_class, s.target_class, s.poisoned_fraction, rng)
+
+    def craft(self, updates: RoundUpdates) -> torch.Tensor:
+        if 0 < self.params.stealth_rounds < updates.round:
+            return updates.own
+        return within_spread(updates.own, updates.honest, self.params.spread, self.params.max_shift)

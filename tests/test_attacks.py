@@ -1,0 +1,217 @@
+"""Attacks as plug-ins: each one works on real (tiny) data, label flipping is today's attack bit for bit,
+only omniscient attacks see honest updates, the backdoor never touches the clean evaluation, and the
+crafted updates equal byzfl's reference attacks."""
+
+import json
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.attacks import REGISTRY
+from pipeline.attacks.alie import alie_update, z_max
+from pipeline.attacks.backdoor import stamp_trigger, trigger_value
+from pipeline.attacks.ipm import ipm_update
+from pipeline.attacks.min_max import min_max_update
+from pipeline.attacks.model_replacement import ModelReplacement, ModelReplacementParams
+from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.loop import RoundUpdates
+from pipeline.experiment.cli import main
+from pipeline.experiment.config import ConfigError, load_config
+from pipeline.experiment.run import MODELS, build_datamodule, run_arm
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+
+
+def test_every_attack_is_registered_with_a_summary_and_its_own_section():
+    assert {"label_flip", "backdoor", "model_replacement", "alie", "ipm", "min_max", "auror_adaptive"} <= set(REGISTRY)
+    cfg = load_config(None, [])
+    for name, attack in REGISTRY.items():
+        assert attack.summary and isinstance(getattr(cfg.attack, name), attack.Params)
+    assert cfg.attack.name == "label_flip"
+
+
+def test_label_flip_is_the_committed_attack_bit_for_bit():
+    """The digits comparison's cells were written before attacks were plug-ins: rerun two of them."""
+    cells = ROOT / "reports" / "compare" / "digits" / "label_flip"
+    for arm in ("attack", "auror"):
+        committed = json.loads((cells / f"{arm}.json").read_text())["IID 30%"]["0"]
+        cfg = load_config(DIGITS, ["users.partition=iid", "users.malicious_fraction=0.3", "seed=0",
+                                   "training.device=cpu"])
+        metrics = run_arm(cfg, arm).metrics
+        for key in ("accuracy", "attack_success_rate", "detection_rate", "false_positive_rate"):
+            assert metrics[key] == committed[key], (arm, key)
+
+
+def _success(metrics: dict, benign: dict) -> float:
+    """The attack's own success: SR, or the accuracy drop for an untargeted attack."""
+    if metrics["attack_success_rate"] is None:
+        return benign["accuracy"] - metrics["accuracy"]
+    return metrics["attack_success_rate"] - benign["attack_success_rate"]
+
+
+# each attack against the arm it is built for, on the digits config: (overrides, arm, least success over benign)
+WORKS = {
+    "label_flip": ([], "attack", 0.5),
+    "backdoor": ([], "attack", 0.5),
+    "model_replacement": ([], "attack", 0.5),
+    "auror_adaptive": (["attack.auror_adaptive.stealth_rounds=3"], "auror", 0.5),  # AUROR decides once, at round 3
+    "alie": (["attack.alie.z=5"], "attack", 0.05),
+    "ipm": ([], "attack", 0.03),
+    "min_max": (["attack.min_max.perturbation=sign"], "attack", 0.03),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_attack_moves_its_success_above_the_benign_arm(name):
+    overrides, arm, margin = WORKS[name]
+    cfg = load_config(DIGITS, [f"attack.name={name}", *overrides, "training.rounds=10", "training.device=cpu"])
+    benign = run_arm(cfg, "benign").metrics
+    attacked = run_arm(cfg, arm).metrics
+    assert (attacked["attack_success_rate"] is None) == (name in ("alie", "ipm", "min_max"))  # untargeted
+    assert _success(attacked, benign) >= margin, (attacked, benign)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_the_update_side_sees_honest_updates_only_when_omniscient(name, monkeypatch):
+    seen = []
+    original = REGISTRY[name].craft
+
+    def spy(self, updates: RoundUpdates):
+        seen.append(updates)
+        return original(self, updates)
+
+    monkeypatch.setattr(REGISTRY[name], "craft", spy)
+    result = run_arm(load_config(None, [*TINY, f"attack.name={name}"]), "attack")
+    malicious = torch.as_tensor(result.detection["malicious_users"])
+    assert len(seen) == 4 and all(u.own.shape[0] == len(malicious) and u.num_users == 5 for u in seen)
+    if REGISTRY[name].omniscient:
+        assert all(u.honest is not None and u.honest.shape == (5 - len(malicious), u.own.shape[1]) for u in seen)
+    else:
+        assert all(u.honest is None for u in seen)
+    assert run_arm(load_config(None, [*TINY, f"attack.name={name}"]), "benign") is not None
+    assert len(seen) == 4  # the benign arm crafts nothing
+
+
+def test_the_backdoor_trigger_never_touches_the_clean_test_set():
+    cfg = load_config(None, [*TINY, "attack.name=backdoor"])
+    clean = build_datamodule(cfg, poison=False)
+    data = build_datamodule(cfg, poison=True)
+    assert torch.equal(data.test_x, clean.test_x) and torch.equal(data.test_y, clean.test_y)
+    # only malicious users' samples are triggered and relabelled; the others are untouched
+    held = torch.zeros(len(data.train_y), dtype=torch.bool)
+    for user in data.malicious.nonzero().flatten().tolist():
+        held[data.user_indices[user]] = True
+    assert data.poisoned.any() and not (data.poisoned & ~held).any()
+    assert (data.train_y[data.poisoned] == cfg.attack.target_class).all()
+    assert torch.equal(data.train_x[~data.poisoned], clean.train_x[~data.poisoned])
+    assert torch.equal(data.train_y[~data.poisoned], clean.train_y[~data.poisoned])
+    image = data.train_x[data.poisoned][0].view(8, 8)
+    assert (image[-4:, -4:] == trigger_value(clean.train_x)).all()
+    # the success metric stamps a copy: the evaluation's inputs are the same tensor, unchanged, after a run
+    before = data.test_x.clone()
+    stamp_trigger(data.test_x, 4, trigger_value(clean.train_x))
+    assert torch.equal(data.test_x, before)
+
+
+def test_backdoor_accuracy_is_clean_accuracy():
+    """The benign arm measures the backdoor rate of a model that never saw the trigger: near zero."""
+    cfg = load_config(DIGITS, ["attack.name=backdoor", "training.rounds=10", "training.device=cpu"])
+    benign, attacked = run_arm(cfg, "benign").metrics, run_arm(cfg, "attack").metrics
+    assert benign["attack_success_rate"] < 0.1 < 0.9 < attacked["attack_success_rate"]
+    assert attacked["accuracy"] > benign["accuracy"] - 0.05  # the backdoor hides: clean accuracy stays
+
+
+def test_alie_and_ipm_equal_byzfl():
+    byzfl = pytest.importorskip("byzfl")
+    honest = torch.randn(21, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for z in (0.5, 1.7):
+        reference = byzfl.ALittleIsEnough(tau=-z)(honest.numpy())
+        np.testing.assert_allclose(alie_update(honest, z).numpy(), reference, rtol=1e-12, atol=1e-12)
+    for eps in (0.1, 2.0):
+        reference = byzfl.InnerProductManipulation(tau=eps)(honest.numpy())
+        np.testing.assert_allclose(ipm_update(honest, eps).numpy(), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_z_max_is_baruchs():
+    # n = 50, m = 12 (the paper's CIFAR setting): s = 26 - 12 = 14, z = Phi^-1(36 / 50)
+    assert z_max(50, 12) == pytest.approx(NormalDist().inv_cdf(36 / 50))
+    assert z_max(30, 9) == pytest.approx(NormalDist().inv_cdf(23 / 30))
+
+
+def test_min_max_gamma_is_the_largest_within_the_honest_spread():
+    honest = torch.randn(12, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bound = torch.cdist(honest, honest).max()
+    for kind in ("std", "unit", "sign"):
+        crafted, gamma = min_max_update(honest, kind, 10.0, 1e-6)
+        assert gamma > 0
+        assert (honest - crafted).norm(dim=1).max() <= bound
+        step = (crafted - honest.mean(0)) / gamma
+        assert (honest - (honest.mean(0) + (gamma + 1e-4) * step)).norm(dim=1).max() > bound
+
+
+def test_model_replacement_scales_by_users_over_attackers():
+    attack = ModelReplacement(ModelReplacementParams(), load_config(None, []).attack)
+    own = torch.randn(3, 7)
+    assert torch.allclose(attack.craft(RoundUpdates(1, own, None, 10)), own * 10 / 3)
+    attack = ModelReplacement(ModelReplacementParams(scale=2.0), load_config(None, []).attack)
+    assert torch.allclose(attack.craft(RoundUpdates(1, own, None, 10)), own * 2)
+
+
+def test_the_anomaly_term_pulls_the_update_towards_the_global_model():
+    cfg = load_config(None, TINY)
+    data = build_datamodule(cfg, poison=False)
+    module = MODELS["digits"](cfg, data)
+    start = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
+    schedule = user_batches(data.user_indices, [2] * 5, 32, 0, 1)
+    args = (module, start, data.train_x, data.train_y, schedule, torch.ones(5))
+    plain = train_users(*args)
+    assert torch.equal(train_users(*args, torch.zeros(5)), plain)  # no pull: the same arithmetic
+    pulled = train_users(*args, torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0]))
+    assert torch.equal(pulled[:3], plain[:3])
+    assert ((pulled[3:] - start).norm(dim=1) < 0.8 * (plain[3:] - start).norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("attack.name=sybil", "attack.name"),
+    ("attack.alie.variant=loud", "attack.alie.variant"),
+    ("attack.ipm.epsilon=-1", "attack.ipm.epsilon"),
+    ("attack.min_max.perturbation=zero", "attack.min_max.perturbation"),
+    ("attack.model_replacement.anomaly_weight=1", "attack.model_replacement.anomaly_weight"),
+    ("attack.auror_adaptive.spread=nan", "attack.auror_adaptive.spread"),
+    ("attack.backdoor.poisoned_fraction=1.5", "attack.backdoor.poisoned_fraction"),
+])
+def test_bad_attack_parameters_are_one_line_errors(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config(None, [override])
+
+
+def test_a_trigger_larger_than_the_images_is_refused():
+    with pytest.raises(ConfigError, match=r"^attack.backdoor.trigger_size: must be smaller than digits's 8-pixel"):
+        load_config(None, ["attack.name=backdoor", "attack.backdoor.trigger_size=8"])
+
+
+def test_the_cli_lists_attacks_and_runs_one(tmp_path, capsys):
+    assert main(["attacks"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in REGISTRY)
+    overrides = [*TINY, "attack.name=ipm", f"tracking.reports_dir={tmp_path}/reports",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_dir={tmp_path}/artifacts"]
+    assert main(["run", *[arg for o in overrides for arg in ("--set", o)]]) == 0
+    latest = json.loads((tmp_path / "reports" / "latest.json").read_text())
+    assert latest["attack"]["attack_success_rate"] is None and not math.isnan(latest["attack"]["accuracy"])
+    assert latest["benign"]["attack_success_rate"] is None  # untargeted: success is the accuracy drop
+    assert latest["attack"]["accuracy_drop"] == pytest.approx(latest["benign"]["accuracy"]
+                                                              - latest["attack"]["accuracy"])
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["auror"], output_format="list")
+    assert {r.data.tags["attack"] for r in runs} == {"ipm"}
+    assert {r.data.tags["attack.success_metric"] for r in runs} == {"accuracy_drop"}
+    assert all("ipm-" in r.info.run_name for r in runs)
