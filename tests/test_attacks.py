@@ -215,3 +215,23 @@ def test_the_cli_lists_attacks_and_runs_one(tmp_path, capsys):
     assert {r.data.tags["attack"] for r in runs} == {"ipm"}
     assert {r.data.tags["attack.success_metric"] for r in runs} == {"accuracy_drop"}
     assert all("ipm-" in r.info.run_name for r in runs)
+
+
+def test_the_readme_example_attack_runs(monkeypatch):
+    import re
+
+    import pipeline.attacks as attacks
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Adding an attack"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(attacks, "REGISTRY", dict(attacks.REGISTRY))  # the example registers into a copy
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    cls = attacks.REGISTRY["sign_flip"]
+    attack = cls(cls.Params(scale=2.0), load_config(None, []).attack)
+    own = torch.randn(2, 5)
+    assert torch.equal(attack.craft(RoundUpdates(1, own, None, 6)), -2.0 * own)
+    assert attack.success_metric == "accuracy_drop" and attack.success_rate(None, None, None, None) is None
+    with pytest.raises(ConfigError, match="^attack.sign_flip.scale: must be a finite number > 0"):
+        cls.Params(scale=-1.0).validate("attack.sign_flip")

@@ -44,7 +44,7 @@ def within_spread(own: torch.Tensor, honest: torch.Tensor, spread: float, max_sh
 class AurorAdaptiveParams(AttackParams):
     spread: float = 1.0  # how far from the honest mean, in honest standard deviations per coordinate
     max_shift: float = 0.0  # an absolute bound per coordinate as well (e.g. below AUROR's alpha); 0: none
-    stealth_rounds: int = 0  # within the spread in rounds 1..stealth_rounds only, unbounded after; 0: always
+    stealth_rounds: int = 3  # within the spread in rounds 1..stealth_rounds only (AUROR's window), unbounded after; 0: always
 
     def validate(self, key: str) -> None:
         check(finite_number(self.spread) and self.spread >= 0, f"{key}.spread", "must be a finite number >= 0",
