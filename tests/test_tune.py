@@ -130,3 +130,23 @@ def test_a_defense_study_searches_any_defense_with_search_ranges(tmp_path):
     # a robust aggregator flags nobody: DR and FPR count 0 in the objective, so it is -SR - max(AD, 0)
     m = result.study.best_trial.user_attrs["metrics"]
     assert result.study.best_value == pytest.approx(-m["attack_success_rate"] - max(m["accuracy_drop"], 0))
+
+
+def test_an_attack_study_searches_the_chosen_attack_and_maximises_its_own_success(tmp_path):
+    import csv
+
+    spec = StudySpec(None, [*tiny_overrides(tmp_path), "attack.name=ipm"], kind="attack", defense="median",
+                     n_trials=2, storage=f"sqlite:///{tmp_path}/optuna.db")
+    result = run_study(spec)
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert set(trials[0].params) == {"attack.ipm.epsilon", "users.malicious_users"}
+    assert trials[0].params["attack.ipm.epsilon"] == 0.5  # the configured setting first
+    for t in trials:  # untargeted: the objective is the accuracy drop, there is no SR
+        m = t.user_attrs["metrics"]
+        assert m["attack_success_rate"] is None and t.value == pytest.approx(m["accuracy_drop"])
+    name = "attack-ipm-median-digits"  # the attack's and the defense's names in the study's
+    assert result.best_params_path == tmp_path / "reports" / f"best_{name}.yaml"
+    rows = list(csv.DictReader((tmp_path / "reports" / f"trials_{name}.csv").open()))
+    assert [r["trial"] for r in rows] == ["0", "1"] and rows[0]["attack.ipm.epsilon"] == "0.5"
+    assert float(rows[1]["objective"]) == pytest.approx(trials[1].value)

@@ -49,6 +49,7 @@ accepts.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -477,6 +478,25 @@ def write_best_params(study: optuna.Study, spec: StudySpec, name: str, reports_d
     return path
 
 
+TRIAL_METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
+
+
+def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
+    """Every finished trial of the study as ``<reports_dir>/trials_<name>.csv``: number, state, objective,
+    the searched parameters and the arm's metrics (empty for a pruned trial's)."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    params = list(dict.fromkeys(k for t in trials for k in t.params))
+    rows = [{"trial": t.number, "state": t.state.name, "objective": t.value, **t.params,
+             **{m: t.user_attrs.get("metrics", {}).get(m) for m in TRIAL_METRICS}} for t in trials]
+    path = Path(reports_dir) / f"trials_{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["trial", "state", "objective", *params, *TRIAL_METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def run_study(spec: StudySpec) -> StudyResult:
     """Create or continue the study, run the missing trials, write the best-params file.
 
@@ -506,6 +526,7 @@ def run_study(spec: StudySpec) -> StudyResult:
             run_trials(study, make_objective(spec, name, budget, base, benign, experiment_id, started), spec.n_trials)
         log_study_plots(study)
         path = write_best_params(study, spec, name, base.tracking.reports_dir)
+        mlflow.log_artifact(str(write_trials(study, name, base.tracking.reports_dir)))
         if path is not None:
             mlflow.log_metric("best_value", study.best_value)
             mlflow.set_tag("best_trial", str(study.best_trial.number))
