@@ -98,7 +98,8 @@ def plot_sr(rows: list[tuple[Setting, dict]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     # AUROR's curve often lies on the no-attack one: distinct markers and dashes keep both visible
     for arm, label, style in (("attack", "no defense", "o-"), ("auror", "AUROR", "s--"), ("benign", "no attack", "^:")):
-        ax.plot([x for x, _ in points], [r[arm]["attack_success_rate"] for _, r in points], style, label=label,
+        success = [r[arm]["attack_success_rate"] for _, r in points]  # None: an untargeted attack (AD is its success)
+        ax.plot([x for x, _ in points], [float("nan") if v is None else v for v in success], style, label=label,
                 markersize=8 if arm == "auror" else 5, fillstyle="none" if arm == "auror" else "full")
     ax.set_xticks([x for x, _ in points], [f"{x:.0%}" for x, _ in points])
     ax.set_xlabel("malicious users")
