@@ -483,7 +483,8 @@ TRIAL_METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_
 
 def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
     """Every finished trial of the study as ``<reports_dir>/trials_<name>.csv``: number, state, objective,
-    the searched parameters and the arm's metrics (empty for a pruned trial's)."""
+    the searched parameters and the arm's metrics (empty for a pruned trial's); and ``trials_<name>.png``:
+    the objective against each searched parameter (pruned trials hollow, at their last reported value)."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     params = list(dict.fromkeys(k for t in trials for k in t.params))
     rows = [{"trial": t.number, "state": t.state.name, "objective": t.value, **t.params,
@@ -494,6 +495,26 @@ def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
         writer = csv.DictWriter(f, fieldnames=["trial", "state", "objective", *params, *TRIAL_METRICS])
         writer.writeheader()
         writer.writerows(rows)
+    plot_trials(trials, params, path.with_suffix(".png"), name)
+    return path
+
+
+def plot_trials(trials: list, params: list[str], path: Path, title: str) -> Path:
+    fig, axes = plt.subplots(1, len(params), figsize=(2.6 * len(params), 2.8), sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], params):
+        for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "o")):
+            chosen = [t for t in trials if t.state == state and key in t.params and t.value is not None]
+            ax.scatter([t.params[key] for t in chosen], [t.value for t in chosen], s=18, marker=marker,
+                       facecolors="tab:blue" if state == TrialState.COMPLETE else "none", edgecolors="tab:blue",
+                       label=state.name.lower())
+        ax.set_xlabel(key.split(".")[-1], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("objective")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}: {len(trials)} trials", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
