@@ -255,8 +255,10 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     (reports / f"{stem}.json").write_text(json.dumps(tables, indent=2) + "\n")
     shown = {attack: [label for label in labels[attack] if any(label in row for row in table.values())]
              for attack, table in tables.items()}
+    partial = any(m["seeds"] < len(seeds) for t in tables.values() for row in t.values() for m in row.values())
     png = plot_heatmap(tables, shown, reports / f"{stem}.png",
-                       f"{name}: {cfg.users.num_users} users, mean over seeds {', '.join(map(str, seeds))}")
+                       f"{name}: {cfg.users.num_users} users, mean over seeds {', '.join(map(str, seeds))}"
+                       + (" (some cells over fewer seeds: see the tables)" if partial else ""))
     d = cfg.report.decimals
     lines = [f"# {name}: defenses against attacks", "",
              f"Produced by `{command}` (seeds {', '.join(map(str, seeds))}; mean over seeds; "
@@ -286,7 +288,7 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
             label = {"benign": "benign (no attack)", "attack": "none (attack, no defense)"}.get(arm, arm)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    if any(m["seeds"] < len(seeds) for t in tables.values() for row in t.values() for m in row.values()):
+    if partial:
         lines += [f"A cell marked (n seeds) is the mean over the n of seeds {', '.join(map(str, seeds))} only: "
                   "its remaining cells have not run yet (the same `auror compare` command resumes them).", ""]
     lines += [f"![defenses x attacks]({png.name})", ""]
@@ -320,7 +322,7 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
         ax.set_title(label, fontsize=9)
     axes[-1].set_xticks(range(len(columns)), [f"{a}: {s}" for a, s in columns], rotation=40, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title above the first panel
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
