@@ -126,7 +126,7 @@ def test_auror_sweep_runs_a_grid_and_reports_it(tmp_path, monkeypatch, capsys):
             "--seeds", "0", "--no-track", "--storage", f"sqlite:///{tmp_path}/s.db", "--sweep-name", "frac",
             *[a for kv in TINY for a in ("--set", kv)], "--set", f"tracking.reports_dir={tmp_path}/reports"]
     assert main(args) == 0
-    table = json.loads((tmp_path / "reports" / "frac.json").read_text())
+    table = json.loads((tmp_path / "reports" / "frac.json").read_text())["label_flip"]  # {attack: {arm: ...}}
     assert set(table) == {"benign", "attack", "median"}
     assert set(table["attack"]) == {"users.malicious_fraction=0.2", "users.malicious_fraction=0.4"}
     assert table["benign"]["users.malicious_fraction=0.2"] == table["benign"]["users.malicious_fraction=0.4"]

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
     defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
     defenses.set_defaults(func=cmd_defenses)
-    attacks = sub.add_parser("attacks", help="list the registered attacks (choose one with --set attack.name=...)")
+    attacks = sub.add_parser("attacks", help="list the registered attacks (e.g. --set attack.name=backdoor)")
     attacks.set_defaults(func=cmd_attacks)
     return parser
 
