@@ -21,8 +21,8 @@ import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.backdoor import Backdoor, BackdoorParams
-from pipeline.attacks.base import ACCURACY_DROP, BACKDOOR, Poisoned, RoundUpdates, UserData, check, finite_number, \
-    honest_spread
+from pipeline.attacks.base import ACCURACY_DROP, BACKDOOR, Poisoned, RoundUpdates, UserData, check, everyone_uploads, \
+    finite_number, honest_spread
 
 VARIANTS = ("untargeted", "backdoor")
 
@@ -82,4 +82,4 @@ class Alie(Backdoor):
         mean, std = honest_spread(updates.honest)
         if self.params.variant == "backdoor":
             return torch.minimum(torch.maximum(updates.own, mean - z * std), mean + z * std)
-        return (mean - z * std).expand_as(updates.own).clone()
+        return everyone_uploads(mean - z * std, updates.own)

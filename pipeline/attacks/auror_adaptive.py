@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pipeline.attacks import register
-from pipeline.attacks.base import Attack, AttackParams, Poisoned, RoundUpdates, UserData, check, finite_number, \
-    honest_spread
-from pipeline.attacks.label_flip import flip_labels
+from pipeline.attacks.base import AttackParams, RoundUpdates, check, finite_number, honest_spread
+from pipeline.attacks.label_flip import LabelFlip
 
 
 def within_spread(own: torch.Tensor, honest: torch.Tensor, spread: float, max_shift: float) -> torch.Tensor:
@@ -56,14 +54,13 @@ class AurorAdaptiveParams(AttackParams):
 
 
 @register
-class AurorAdaptive(Attack):
+class AurorAdaptive(LabelFlip):
     """Label flipping whose every upload coordinate stays within the honest users' spread."""
 
     name = "auror_adaptive"
     summary = "label flipping kept inside the honest per-coordinate spread, to evade AUROR (adaptive)"
     Params = AurorAdaptiveParams
     omniscient = True
-    boosted = True
     search_ranges = {
         "attack.auror_adaptive.spread": (0.1, 4.0, True, False),
         "attack.auror_adaptive.max_shift": (0.0, 0.05, False, False),
@@ -77,10 +74,6 @@ class AurorAdaptive(Attack):
     def warmup_rounds(cls, cfg) -> int:
         """A stealthy trial attacks only after its stealth rounds: no pruning before the longest searched."""
         return int(cls.search_ranges["attack.auror_adaptive.stealth_rounds"][1]) + 2
-
-    def poison_data(self, data: UserData, rng: np.random.Generator) -> Poisoned:
-        s = self.settings
-        return flip_labels(data, s.source_class, s.target_class, s.poisoned_fraction, rng)
 
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
         if 0 < self.params.stealth_rounds < updates.round:

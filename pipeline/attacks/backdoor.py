@@ -83,16 +83,13 @@ class Backdoor(Attack):
     name = "backdoor"
     summary = "BadNets pixel-square trigger relabelled as the target class (Gu et al. 2017)"
     Params = BackdoorParams
+    success_metric = BACKDOOR
     boosted = True
     search_ranges = {
         "attack.backdoor.poisoned_fraction": (0.1, 1.0, False, False),
         "attack.boost": (1.0, 10.0, True, False),
         "attack.malicious_epochs": (1, 5, False, True),
     }
-
-    @property
-    def success_metric(self) -> str:
-        return BACKDOOR
 
     def success_definition(self) -> str:
         return f"{BACKDOOR} -> {self.settings.target_class}, trigger {self.params.trigger_size}"

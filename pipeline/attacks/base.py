@@ -74,6 +74,7 @@ class Attack:
     - ``name``: its registry name (``attack.name`` and the config section ``attack.<name>``);
     - ``summary``: one line for ``auror attacks``;
     - ``Params``: its parameters dataclass (an :class:`AttackParams`);
+    - ``success_metric``: :data:`SOURCE_TO_TARGET` (default), :data:`BACKDOOR` or :data:`ACCURACY_DROP`;
     - ``omniscient``: :meth:`craft` receives the honest users' updates of the round;
     - ``trains_maliciously``: the attackers train with ``attack.malicious_epochs`` and
       ``attack.malicious_lr_multiplier`` (else as honest users do);
@@ -85,6 +86,7 @@ class Attack:
     name: ClassVar[str]
     summary: ClassVar[str]
     Params: ClassVar[type[AttackParams]] = AttackParams
+    success_metric: ClassVar[str] = SOURCE_TO_TARGET
     omniscient: ClassVar[bool] = False
     trains_maliciously: ClassVar[bool] = True
     boosted: ClassVar[bool] = False
@@ -94,16 +96,15 @@ class Attack:
         self.params = params
         self.settings = settings  # the config's attack section (source_class, target_class, ...)
 
-    @property
-    def success_metric(self) -> str:
-        """:data:`SOURCE_TO_TARGET`, :data:`BACKDOOR` or :data:`ACCURACY_DROP`."""
-        return SOURCE_TO_TARGET
-
     def success_definition(self) -> str:
         """What the success metric depends on (runs with equal definitions measure the same thing)."""
         if self.success_metric == ACCURACY_DROP:
             return ACCURACY_DROP
         return f"{self.success_metric} {self.settings.source_class} -> {self.settings.target_class}"
+
+    def anomaly_weight(self) -> float:
+        """``w`` of an anomaly term ``w ||theta - theta_global||^2`` in the attackers' local loss (0: none)."""
+        return 0.0
 
     def setup(self, train_x: torch.Tensor) -> None:
         """Called once per arm with the clean training inputs, before anything else (a trigger's value)."""
@@ -149,6 +150,11 @@ class Attack:
         values = cfg.flat()
         return {key: (int if integer else float)(min(max(values[key], low), high))
                 for key, (low, high, _, integer) in cls.search_ranges.items()}
+
+
+def everyone_uploads(upload: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``upload`` (P,) as every attacker's row, shaped like ``own`` (attackers, P)."""
+    return upload.expand_as(own).clone()
 
 
 def honest_spread(honest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.attacks import register
-from pipeline.attacks.base import ACCURACY_DROP, Attack, AttackParams, RoundUpdates, check, finite_number
+from pipeline.attacks.base import ACCURACY_DROP, Attack, AttackParams, RoundUpdates, check, everyone_uploads, \
+    finite_number
 
 
 def ipm_update(honest: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -39,11 +40,8 @@ class Ipm(Attack):
     Params = IpmParams
     omniscient = True
     trains_maliciously = False
+    success_metric = ACCURACY_DROP
     search_ranges = {"attack.ipm.epsilon": (0.05, 20.0, True, False)}
 
-    @property
-    def success_metric(self) -> str:
-        return ACCURACY_DROP
-
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
-        return ipm_update(updates.honest, self.params.epsilon).expand_as(updates.own).clone()
+        return everyone_uploads(ipm_update(updates.honest, self.params.epsilon), updates.own)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.attacks import register
-from pipeline.attacks.base import ACCURACY_DROP, Attack, AttackParams, RoundUpdates, check, finite_number, \
-    honest_spread
+from pipeline.attacks.base import ACCURACY_DROP, Attack, AttackParams, RoundUpdates, check, everyone_uploads, \
+    finite_number, honest_spread
 
 PERTURBATIONS = ("std", "unit", "sign")
 
@@ -72,13 +72,10 @@ class MinMax(Attack):
     Params = MinMaxParams
     omniscient = True
     trains_maliciously = False
+    success_metric = ACCURACY_DROP
     search_ranges = {"attack.min_max.gamma_init": (1.0, 100.0, True, False)}
-
-    @property
-    def success_metric(self) -> str:
-        return ACCURACY_DROP
 
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
         crafted, _ = min_max_update(updates.honest, self.params.perturbation, self.params.gamma_init,
                                     self.params.tolerance)
-        return crafted.expand_as(updates.own).clone()
+        return everyone_uploads(crafted, updates.own)

@@ -50,6 +50,9 @@ class ModelReplacement(Backdoor):
         "attack.model_replacement.poisoned_fraction": (0.1, 1.0, False, False),
     }
 
+    def anomaly_weight(self) -> float:
+        return self.params.anomaly_weight
+
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
         gamma = self.params.scale or updates.num_users / updates.own.shape[0]
         return updates.own * gamma

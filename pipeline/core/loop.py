@@ -165,8 +165,7 @@ class CollaborativeLoop:
         attackers = self.behaviour.attackers.to(updates.device)
         honest = updates[~attackers] if self.attack.omniscient else None
         crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers)))
-        updates = updates.clone()
-        updates[attackers] = crafted.to(updates.dtype)
+        updates[attackers] = crafted.to(updates.dtype)  # the loop's own tensor, written in place
         return updates
 
     def run(self) -> dict[str, float]:

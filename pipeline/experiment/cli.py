@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
@@ -143,12 +144,17 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, default_name: str) -> N
                         help="log no MLflow runs (faster; the cells' metrics are still stored)")
 
 
+def print_registry(registry: dict, note: Callable[[type], str] = lambda cls: "") -> None:
+    """One line per plug-in: its name, its summary and ``note``."""
+    width = max(map(len, registry))
+    for name, cls in registry.items():
+        print(f"{name.ljust(width)}  {cls.summary}{note(cls)}")
+
+
 def cmd_defenses(args: argparse.Namespace) -> int:
     from pipeline.defenses import REGISTRY
 
-    width = max(map(len, REGISTRY))
-    for name, defense in REGISTRY.items():
-        print(f"{name.ljust(width)}  {defense.summary}")
+    print_registry(REGISTRY)
     print("\nEach is an arm of auror run (--arms benign attack auror krum ...), with its parameters in the "
           "config section defense.<name>; none is the attack arm's aggregation.")
     return 0
@@ -157,9 +163,7 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 def cmd_attacks(args: argparse.Namespace) -> int:
     from pipeline.attacks import REGISTRY
 
-    width = max(map(len, REGISTRY))
-    for name, attack in REGISTRY.items():
-        print(f"{name.ljust(width)}  {attack.summary}{' [omniscient]' if attack.omniscient else ''}")
+    print_registry(REGISTRY, lambda attack: " [omniscient]" if attack.omniscient else "")
     print("\nChoose one with --set attack.name=<name>; its parameters are the config section attack.<name>, the "
           "shared ones (source_class, target_class, malicious_epochs, boost...) are in attack.")
     return 0

@@ -236,7 +236,7 @@ def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(np.mean(values))
 
 
-def success_panel(attack: str, metrics: dict) -> float | None:
+def success_panel(metrics: dict) -> float | None:
     """An attack's success: its SR when targeted, the accuracy drop when untargeted (no SR)."""
     return metrics["accuracy_drop"] if metrics["attack_success_rate"] is None else metrics["attack_success_rate"]
 
@@ -246,7 +246,7 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     """``<stem>.md``, ``.json`` (``{attack: {arm: {setting: metrics}}}``) and the heatmap ``.png`` (default
     stem ``compare_<dataset>``) under ``tracking.reports_dir``: one table per attack of ``tables``, with a
     column per setting of ``labels[attack]`` that has results."""
-    from pipeline.experiment.run import make_attack
+    from pipeline.attacks import REGISTRY as ATTACKS
 
     reports = Path(cfg.tracking.reports_dir)
     name = cfg.data.name
@@ -275,7 +275,7 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
             continue
         kind = {"source_to_target": f"targeted, {cfg.attack.source_class} -> {cfg.attack.target_class}",
                 "backdoor": f"backdoor, target {cfg.attack.target_class}", "accuracy_drop": "untargeted: success is AD"}
-        metric = make_attack(load_config(None, [f"attack.name={attack}"])).success_metric
+        metric = ATTACKS[attack](getattr(cfg.attack, attack), cfg.attack).success_metric  # this config's variant
         lines += [f"## {attack} ({kind[metric]})", "",
                   "| defense | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
         for arm, row in table.items():
@@ -311,7 +311,7 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
         for i, arm in enumerate(arms):
             for j, (attack, setting) in enumerate(columns):
                 m = tables[attack].get(arm, {}).get(setting)
-                v = None if m is None else success_panel(attack, m) if metric == "success" else m[metric]
+                v = None if m is None else success_panel(m) if metric == "success" else m[metric]
                 values[i, j] = np.nan if v is None else v
         ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (i, j), v in np.ndenumerate(values):

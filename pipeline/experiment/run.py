@@ -147,11 +147,11 @@ def prepare_dataset(cfg: Config) -> Path:
 def user_behaviour(cfg: Config, malicious: torch.Tensor, attacking: bool) -> UserBehaviour:
     """Honest users train ``training.local_epochs``; attacking users use the shared attack knobs
     their attack reads (``malicious_epochs``, ``malicious_lr_multiplier``, ``boost``), and
-    ``model_replacement``'s anomaly weight ``w`` as ``(1 - w)`` on their loss plus the pull ``2 w``."""
+    the attack's anomaly weight ``w`` (``model_replacement``) as ``(1 - w)`` on their loss plus the pull ``2 w``."""
     a, attackers = cfg.attack, malicious & attacking
-    attack = ATTACKS[a.name]
+    attack = make_attack(cfg)
     trains = attackers & attack.trains_maliciously
-    anomaly = getattr(getattr(a, a.name), "anomaly_weight", 0.0)
+    anomaly = attack.anomaly_weight()
     return UserBehaviour(
         epochs=[a.malicious_epochs if m else cfg.training.local_epochs for m in trains.tolist()],
         lr_multipliers=torch.where(trains, a.malicious_lr_multiplier * (1 - anomaly), 1.0),

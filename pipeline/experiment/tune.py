@@ -502,9 +502,9 @@ def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
 def plot_trials(trials: list, params: list[str], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(params), figsize=(2.6 * len(params), 2.8), sharey=True, squeeze=False)
     for ax, key in zip(axes[0], params):
-        for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "o")):
+        for state in (TrialState.COMPLETE, TrialState.PRUNED):
             chosen = [t for t in trials if t.state == state and key in t.params and t.value is not None]
-            ax.scatter([t.params[key] for t in chosen], [t.value for t in chosen], s=18, marker=marker,
+            ax.scatter([t.params[key] for t in chosen], [t.value for t in chosen], s=18,
                        facecolors="tab:blue" if state == TrialState.COMPLETE else "none", edgecolors="tab:blue",
                        label=state.name.lower())
         ax.set_xlabel(key.split(".")[-1], fontsize=8)
