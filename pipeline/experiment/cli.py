@@ -121,6 +121,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from pipeline.experiment.diagnose import run_diagnosis
+
+    cfg = load_config(args.params, args.set)
+    md = run_diagnosis(args.params, args.set, args.seeds or [cfg.seed], args.defenses, args.name or cfg.data.name)
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.experiment.compare import run_grid
     from pipeline.experiment.run import DEFAULT_ARMS
@@ -247,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--arms", nargs="+", metavar="ARM", help="the arms of every cell (default: benign attack auror)")
     add_sweep_arguments(sweep, "sweep-<dataset>")
     sweep.set_defaults(func=cmd_sweep)
+    diagnose = sub.add_parser("diagnose", help="benign, attack and --defenses on one setting: per user, what the "
+                              "attack changed and each detector's score; DR over the effective attackers; writes "
+                              "diagnose_<name>.md/.json/.png")
+    add_config_arguments(diagnose)
+    diagnose.add_argument("--defenses", nargs="+", metavar="DEFENSE", default=["auror", "auror_noniid"],
+                          help="the defenses to run (default: auror auror_noniid)")
+    diagnose.add_argument("--name", help="the report's name: diagnose_<name>.* (default: the dataset)")
+    diagnose.set_defaults(func=cmd_diagnose)
     defenses = sub.add_parser("defenses", help="list the registered defenses (each is an arm of auror run)")
     defenses.set_defaults(func=cmd_defenses)
     attacks = sub.add_parser("attacks", help="list the registered attacks (e.g. --set attack.name=backdoor)")

@@ -1,0 +1,168 @@
+"""Why a detector catches or misses whom (``auror diagnose``): run the benign and
+attack arms and some defenses on one setting and seeds, and lay out, per user,
+what the attack gave it to work with and how each detector scored it.
+
+An attacker is *effective* when the attack changed at least one of its
+training samples (label flipping: it holds source-class samples to relabel);
+for an attack without a data side (IPM, ALIE, ...) every attacker is.
+Under a Dirichlet split some attackers hold no source-class sample: they
+cannot poison source -> target, so a detector that misses them is not missing
+an attack. ``DR eff`` is the detection rate over the effective attackers only.
+
+Writes ``<reports_dir>/diagnose_<name>.md`` (per defense, mean over seeds:
+accuracy, drop against the benign arm, SR, DR, DR eff, FPR; per seed, each
+attacker's changed samples), ``.json`` (every user's score under every
+defense that scores users) and ``.png`` (score against source-class samples,
+per defense: who sits where against the threshold).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.attacks.base import Attack  # noqa: E402
+from pipeline.core.metrics import defense_detection_rates  # noqa: E402
+from pipeline.experiment.config import ConfigError, load_config  # noqa: E402
+
+# where each detector's threshold lies on its score (the dashed line of the figure)
+THRESHOLDS = {"auror": lambda p: p.tau, "auror_noniid": lambda p: -p.margin}
+SCORE_NAMES = {"auror": "fraction of indicative features in the minority",
+               "auror_noniid": "mean alignment on the suspect class"}
+
+
+def effective_attackers(malicious: torch.Tensor, user_indices: list, poisoned: torch.Tensor,
+                        poisons_data: bool) -> torch.Tensor:
+    """Bool (users,): malicious users with at least one sample the attack changed (every
+    malicious user when the attack has no data side)."""
+    if not poisons_data:
+        return malicious.clone()
+    changed = torch.tensor([bool(poisoned[idx].any()) for idx in user_indices])
+    return malicious & changed
+
+
+def poisons_data(attack: Attack) -> bool:
+    """The attack changes the malicious users' data (it overrides :meth:`Attack.poison_data`)."""
+    return type(attack).poison_data is not Attack.poison_data
+
+
+def run_diagnosis(params: str | None, overrides: list[str], seeds: list[int], defenses: list[str],
+                  name: str) -> Path:
+    from pipeline.defenses import REGISTRY
+    from pipeline.experiment.run import build_datamodule, make_attack, run_arm
+
+    for d in defenses:
+        if d not in REGISTRY or d == "none":
+            raise ConfigError(f"--defenses: must be registered defenses ({', '.join(n for n in REGISTRY if n != 'none')}),"
+                              f" got {d!r}")
+    base = load_config(params, overrides)
+    out: dict = {"setting": overrides, "seeds": {}}
+    for seed in seeds:
+        cfg = load_config(params, [*overrides, f"seed={seed}"])
+        attack = make_attack(cfg)
+        data = build_datamodule(cfg, poison=True)
+        source = cfg.attack.source_class
+        source_counts = [int((data.clean_train_y[idx] == source).sum()) for idx in data.user_indices]
+        changed = [int(data.poisoned[idx].sum()) for idx in data.user_indices]
+        effective = effective_attackers(data.malicious, data.user_indices, data.poisoned, poisons_data(attack))
+        seed_out = {"malicious": data.malicious.nonzero().flatten().tolist(),
+                    "effective": effective.nonzero().flatten().tolist(),
+                    "source_samples": source_counts, "changed_samples": changed, "arms": {}}
+        for arm in ["benign", "attack", *defenses]:
+            print(f"== diagnose {name}: seed {seed}, arm {arm}", flush=True)
+            result = run_arm(cfg, arm)
+            row = {k: result.metrics.get(k) for k in ("accuracy", "attack_success_rate",
+                                                      "detection_rate", "false_positive_rate")}
+            if arm in defenses:
+                det = result.detection
+                dr_eff, _ = defense_detection_rates(det["flags"], set(det.get("flagged_users", [])),
+                                                    det.get("excluded_per_round", []), effective)
+                row["effective_detection_rate"] = dr_eff
+                row["scores"] = det.get("scores", {})
+                for key in ("num_indicative_features", "num_features", "suspect_class"):
+                    if key in det:
+                        row[key] = det[key]
+            seed_out["arms"][arm] = row
+        out["seeds"][str(seed)] = seed_out
+    reports = Path(base.tracking.reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"diagnose_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    md = reports / f"diagnose_{name}.md"
+    setting = " ".join(o for o in overrides if not o.startswith("tracking."))  # not where it writes
+    md.write_text(diagnosis_markdown(out, defenses, base, setting))
+    plot_scores(out, defenses, base, reports / f"diagnose_{name}.png")
+    return md
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def diagnosis_markdown(out: dict, defenses: list[str], cfg, setting: str) -> str:
+    seeds = list(out["seeds"].values())
+    lines = [f"# Diagnosis: {cfg.data.name}, {setting or 'the configured setting'}, seeds {', '.join(out['seeds'])}",
+             "", f"Attack {cfg.attack.name} ({cfg.attack.source_class} -> {cfg.attack.target_class}). "
+             "DR eff: detection rate over the effective attackers (those with at least one sample the attack "
+             "changed). AD: accuracy drop against the benign arm of the same seed.", "",
+             "| arm | accuracy | AD | SR | DR | DR eff | FPR |", "|---|---|---|---|---|---|---|"]
+    for arm in ["benign", "attack", *defenses]:
+        rows = [s["arms"][arm] for s in seeds]
+        drop = _mean([s["arms"]["benign"]["accuracy"] - s["arms"][arm]["accuracy"] for s in seeds])
+        lines.append(f"| {arm} | {_fmt(_mean(r['accuracy'] for r in rows))} | {_fmt(drop)} | "
+                     f"{_fmt(_mean(r['attack_success_rate'] for r in rows))} | "
+                     f"{_fmt(_mean(r['detection_rate'] for r in rows))} | "
+                     f"{_fmt(_mean(r.get('effective_detection_rate') for r in rows))} | "
+                     f"{_fmt(_mean(r['false_positive_rate'] for r in rows))} |")
+    lines += ["", "Per seed: each attacker's source-class samples (changed by the attack), and whom each "
+              "defense flagged (users flagged at the end of the run):", ""]
+    for seed, s in out["seeds"].items():
+        attackers = ", ".join(f"{u}: {s['source_samples'][u]} ({s['changed_samples'][u]})" for u in s["malicious"])
+        lines.append(f"- seed {seed}: attackers {attackers}; effective {len(s['effective'])} of {len(s['malicious'])}")
+        for d in defenses:
+            row = s["arms"][d]
+            extra = "".join(f", {k.replace('_', ' ')} {row[k]}" for k in
+                            ("num_indicative_features", "num_features", "suspect_class") if k in row)
+            lines.append(f"  - {d}: DR {_fmt(row['detection_rate'])}, DR eff {_fmt(row['effective_detection_rate'])}, "
+                         f"FPR {_fmt(row['false_positive_rate'])}{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(out: dict, defenses: list[str], cfg, path: Path) -> None:
+    """Per defense that scores users: score against the user's source-class samples, honest users,
+    effective and other attackers marked, the threshold dashed."""
+    scored = [d for d in defenses if d in SCORE_NAMES]
+    if not scored:
+        return
+    fig, axes = plt.subplots(1, len(scored), figsize=(5.5 * len(scored), 4.2), squeeze=False)
+    for ax, d in zip(axes[0], scored):
+        groups = {"honest": ([], []), "effective attacker": ([], []), "attacker, nothing to poison": ([], [])}
+        for s in out["seeds"].values():
+            for user, score in s["arms"][d].get("scores", {}).items():
+                u = int(user)
+                group = ("effective attacker" if u in s["effective"] else
+                         "attacker, nothing to poison" if u in s["malicious"] else "honest")
+                groups[group][0].append(s["source_samples"][u] + 1)
+                groups[group][1].append(score)
+        for (label, (x, y)), style in zip(groups.items(), [("o", "tab:gray"), ("x", "tab:red"), ("^", "tab:orange")]):
+            ax.scatter(x, y, marker=style[0], color=style[1], label=label, alpha=0.8)
+        ax.axhline(THRESHOLDS[d](getattr(cfg.defense, d)), color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"source-class ({cfg.attack.source_class}) samples + 1")
+        ax.set_ylabel(SCORE_NAMES[d])
+        ax.set_title(d)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
