@@ -150,3 +150,22 @@ def test_an_attack_study_searches_the_chosen_attack_and_maximises_its_own_succes
     rows = list(csv.DictReader((tmp_path / "reports" / f"trials_{name}.csv").open()))
     assert [r["trial"] for r in rows] == ["0", "1"] and rows[0]["attack.ipm.epsilon"] == "0.5"
     assert float(rows[1]["objective"]) == pytest.approx(trials[1].value)
+
+
+def test_opening_a_storage_whose_tables_another_worker_is_creating_retries(tmp_path, monkeypatch):
+    # PostgreSQL has no lock around Optuna's table creation: a worker that loses the race gets an
+    # IntegrityError (a duplicate type name); the tables exist by then, so it opens them again
+    import sqlalchemy
+
+    real, calls = tune.optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("CREATE TABLE studies", {}, Exception("UniqueViolation"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(tune.optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    storage = tune.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    assert len(calls) == 2 and storage.get_all_studies() == []

@@ -65,6 +65,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
+import sqlalchemy  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -266,15 +267,19 @@ def first_difference(old: dict, new: dict, prefix: str = "") -> str:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats: a trial of a dead process is failed and retried (same parameters)."""
     sqlalchemy_url = database_url(url, "--storage")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            with store_lock(url):
-                return optuna.storages.RDBStorage(sqlalchemy_url, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_PERIOD_S,
-                                                  heartbeat_stale_trial_callback=retry_stale_trial)
-    except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
-        raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                with store_lock(url):
+                    return optuna.storages.RDBStorage(sqlalchemy_url, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=GRACE_PERIOD_S,
+                                                      heartbeat_stale_trial_callback=retry_stale_trial)
+        except sqlalchemy.exc.IntegrityError:  # PostgreSQL: another worker created Optuna's tables at the
+            time.sleep(1 + attempt)  # same moment (no lock for a server); they exist now: open them
+        except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
+            raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+    raise ConfigError(f"--storage: cannot open {url!r}: its tables are still being created by another worker")
 
 
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
