@@ -119,3 +119,25 @@ def test_arm_stages_depend_on_every_module_the_run_imports(arm):
         missing = imported - covered - (DATAMODULES - {f"datamodules/{item['dataset']}.py"})
         missing -= (DEFENSE_MODULES - OWN_DEFENSE.get(arm, set())) | ATTACK_MODULES
         assert not missing, f"{arm}@{item}: the run imports {sorted(missing)}, not listed in deps"
+
+
+def tracked_files(folder: str) -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z", "--", folder], cwd=ROOT, capture_output=True, text=True)
+    return [ROOT / name for name in out.stdout.split("\0") if name]
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout: no tracked files to count")
+def test_the_lock_hashes_directory_deps_as_a_fresh_clone_holds_them():
+    """A directory dep's hash in dvc.lock must cover the tracked files only: a folder hashed with
+    byte-code caches in it makes every stage look changed in a fresh clone."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    folders = {(d["path"], d["nfiles"], d["size"]) for stage in lock["stages"].values()
+               for d in stage.get("deps", []) if "nfiles" in d and (ROOT / d["path"]).is_dir()
+               and not any(Path(o).is_relative_to(d["path"]) for s in lock["stages"].values()
+                           for o in (x["path"] for x in s.get("outs", [])))}
+    assert folders, "dvc.lock lists no directory code deps"
+    for path, nfiles, size in folders:
+        files = tracked_files(path)
+        assert (nfiles, size) == (len(files), sum(f.stat().st_size for f in files)), \
+            f"dvc.lock hashes {path} as {nfiles} files / {size} bytes; git tracks {len(files)} / " \
+            f"{sum(f.stat().st_size for f in files)}"
