@@ -122,7 +122,8 @@ def test_arm_stages_depend_on_every_module_the_run_imports(arm):
 
 
 def tracked_files(folder: str) -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "-z", "--", folder], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(["git", "ls-files", "-z", "--", folder], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
     return [ROOT / name for name in out.stdout.split("\0") if name]
 
 
@@ -130,14 +131,12 @@ def tracked_files(folder: str) -> list[Path]:
 def test_the_lock_hashes_directory_deps_as_a_fresh_clone_holds_them():
     """A directory dep's hash in dvc.lock must cover the tracked files only: a folder hashed with
     byte-code caches in it makes every stage look changed in a fresh clone."""
-    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
-    folders = {(d["path"], d["nfiles"], d["size"]) for stage in lock["stages"].values()
-               for d in stage.get("deps", []) if "nfiles" in d and (ROOT / d["path"]).is_dir()
-               and not any(Path(o).is_relative_to(d["path"]) for s in lock["stages"].values()
-                           for o in (x["path"] for x in s.get("outs", [])))}
-    assert folders, "dvc.lock lists no directory code deps"
-    for path, nfiles, size in folders:
+    stages = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"].values()
+    outputs = [Path(o["path"]) for s in stages for o in s.get("outs", [])]
+    code_folders = {(d["path"], d["nfiles"], d["size"]) for s in stages for d in s.get("deps", [])
+                    if "nfiles" in d and not any(o.is_relative_to(d["path"]) for o in outputs)}
+    assert code_folders, "dvc.lock lists no directory code deps"
+    for path, nfiles, size in code_folders:
         files = tracked_files(path)
-        assert (nfiles, size) == (len(files), sum(f.stat().st_size for f in files)), \
-            f"dvc.lock hashes {path} as {nfiles} files / {size} bytes; git tracks {len(files)} / " \
-            f"{sum(f.stat().st_size for f in files)}"
+        tracked = (len(files), sum(f.stat().st_size for f in files))
+        assert (nfiles, size) == tracked, f"dvc.lock hashes {path} as {nfiles} files / {size} bytes; git tracks {tracked}"
