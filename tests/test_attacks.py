@@ -21,7 +21,8 @@ from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.loop import RoundUpdates
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import ConfigError, load_config
-from pipeline.experiment.run import MODELS, build_datamodule, run_arm
+from pipeline.experiment.arms import MODELS, build_datamodule, run_arm
+from pipeline.experiment.compare import compare_grid
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +38,16 @@ def test_every_attack_is_registered_with_a_summary_and_its_own_section():
 
 
 def test_label_flip_is_the_committed_attack_bit_for_bit():
-    """The digits comparison's cells were written before attacks were plug-ins: rerun two of them."""
-    cells = ROOT / "reports" / "compare" / "digits" / "label_flip"
-    for arm in ("attack", "auror"):
-        committed = json.loads((cells / f"{arm}.json").read_text())["IID 30%"]["0"]
-        cfg = load_config(DIGITS, ["users.partition=iid", "users.malicious_fraction=0.3", "seed=0",
-                                   "training.device=cpu"])
-        metrics = run_arm(cfg, arm).metrics
+    """The digits comparison's cells were written before attacks were plug-ins: found in the results store by
+    the key of today's config, two of them rerun to the last digit."""
+    grid = compare_grid(load_config(DIGITS, ["training.device=cpu"]), [0], ["attack", "auror"], ["label_flip"])
+    recorded = grid.recorded()["label_flip"]
+    cells = [c for c in grid.cells["label_flip"] if c.label == "IID 30%"]
+    assert len(cells) == 2 and all(c.key in recorded for c in cells)
+    for cell in cells:
+        metrics = run_arm(cell.cfg, cell.arm).metrics
         for key in ("accuracy", "attack_success_rate", "detection_rate", "false_positive_rate"):
-            assert metrics[key] == committed[key], (arm, key)
+            assert metrics[key] == recorded[cell.key][key], (cell.arm, key)
 
 
 def _success(metrics: dict, benign: dict) -> float:

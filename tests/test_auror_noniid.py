@@ -159,7 +159,7 @@ def test_effective_attackers_hold_a_changed_sample():
 
 
 def test_on_digits_under_label_skew_it_flags_the_effective_attackers_and_no_honest_user():
-    from pipeline.experiment.run import build_datamodule, run_arm
+    from pipeline.experiment.arms import build_datamodule, run_arm
 
     cfg = load_config("configs/digits.yaml", ["users.partition=dirichlet", "users.dirichlet_alpha=0.5"])
     data = build_datamodule(cfg, poison=True)

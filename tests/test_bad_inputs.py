@@ -81,6 +81,7 @@ def test_bad_input(number, command, setup, message, tmp_path, monkeypatch, capsy
     assert not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_no_traceback(tmp_path):
     """The truncated-dataset row, in its own process: torchvision raises deep inside."""
     number, command, setup, message = next(r for r in ROWS if "truncated" in r[2])

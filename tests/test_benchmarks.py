@@ -31,12 +31,13 @@ def test_round_benchmark_runs(capsys, monkeypatch, tmp_path):
     assert "NOTE: MNIST not found" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.manual
 def test_clustering_memory_probe_runs():
     figures = load("bench_clustering").measure_memory("two_means_1d", 30, 200_000, 0.5)
     assert figures["ratio"] < 4
 
 
+@pytest.mark.slow
 def test_end_to_end_benchmark_times_every_arm(capsys):
     from tests.conftest import TINY
 
@@ -58,6 +59,7 @@ def test_defenses_benchmark_times_every_registered_defense(capsys, monkeypatch, 
     assert "x one round of local training (target <= 0.1)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sweep_benchmark_runs_one_and_two_workers(capsys):
     from tests.conftest import TINY
 

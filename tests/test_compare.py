@@ -1,65 +1,75 @@
-"""`auror compare`: every defense against every attack on the same cells, resumable, the report from finished cells."""
+"""`auror compare`: every defense against every attack on the same cells, keyed by config, resumable, the
+report a view over the results store."""
 
 import json
 
 import pytest
 
-import pipeline.experiment.compare as compare
-import pipeline.experiment.run as run_module
-from pipeline.experiment.compare import MATRIX_SETTINGS, SETTINGS, load_cells, run_compare
-from pipeline.experiment.config import ConfigError
+import pipeline.experiment.queue as queue
+from pipeline.experiment.cli import main
+from pipeline.experiment.compare import compare_grid
+from pipeline.experiment.config import ConfigError, load_config
+from pipeline.experiment.grid import COMPARE_SETTINGS, MATRIX_SETTINGS
 from tests.conftest import TINY
 
 
 @pytest.fixture
-def overrides(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "DEFAULT_STORAGE", f"sqlite:///{tmp_path}/sweeps.db")
-    return [*TINY, f"tracking.reports_dir={tmp_path}/reports"]
+def base(tmp_path):
+    return load_config(None, [*TINY, f"tracking.reports_dir={tmp_path}/reports"])
 
 
-def count_runs(monkeypatch) -> list[tuple[str, ...]]:
-    calls, real = [], run_module.run_experiment
+def run(grid, tmp_path):
+    grid.run(f"sqlite:///{tmp_path}/sweeps.db", "compare-test", track=False)
+    return grid.write_report("auror compare (test)")
+
+
+def count_runs(monkeypatch) -> list[tuple]:
+    calls, real = [], queue.run_experiment
 
     def counted(cfg, seeds=None, track=True, arms=(), resume=None):
         calls.append((tuple(arms), cfg.users.partition, cfg.users.malicious_fraction, cfg.seed, cfg.attack.name))
         return real(cfg, seeds, track=track, arms=arms, resume=resume)
 
-    monkeypatch.setattr(run_module, "run_experiment", counted)
+    monkeypatch.setattr(queue, "run_experiment", counted)
     return calls
 
 
-def test_compare_runs_each_cell_once_shares_benign_and_resumes(tmp_path, overrides, monkeypatch):
+def test_compare_runs_each_cell_once_shares_benign_and_resumes(tmp_path, base, monkeypatch):
     calls = count_runs(monkeypatch)
     arms = ["benign", "attack", "median"]
-    md = run_compare(None, overrides, [0], arms, "auror compare (test)", track=False, attacks=["label_flip"])
+    grid = compare_grid(base, [0], arms, ["label_flip"])
+    md = run(grid, tmp_path)
     # benign once for the IID settings (they differ only in who attacks), once for Dirichlet
     assert sum(c[0] == ("benign",) for c in calls) == 2
-    assert sum(c[0] == ("attack",) for c in calls) == sum(c[0] == ("median",) for c in calls) == len(SETTINGS)
-    root = tmp_path / "reports" / "compare" / "digits" / "label_flip"
-    assert all(set(load_cells(root, arm)) == {s.label for s in SETTINGS} for arm in arms)
+    assert sum(c[0] == ("attack",) for c in calls) == sum(c[0] == ("median",) for c in calls) == len(COMPARE_SETTINGS)
+    store = grid.store.load("label_flip", "median")
+    assert sorted(r["label"] for r in store.values()) == sorted(s.label for s in COMPARE_SETTINGS)
+    assert set(store) == {c.key for c in grid.cells["label_flip"] if c.arm == "median"}  # stored by key
 
-    table = json.loads(md.with_suffix(".json").read_text())
-    for label in (s.label for s in SETTINGS):
-        benign = load_cells(root, "benign")[label]["0"]["accuracy"]
-        median = table["label_flip"]["median"][label]
-        assert median["accuracy_drop"] == pytest.approx(benign - median["accuracy"])
+    report = json.loads(md.with_suffix(".json").read_text())
+    assert report["missing"] == [] and report["config"]["values"]["training.rounds"] == 4
+    benign = grid.store.load("label_flip", "benign")
+    for setting in COMPARE_SETTINGS:
+        key = next(c.key for c in grid.cells["label_flip"] if c.arm == "benign" and c.label == setting.label)
+        benign_accuracy = benign[key]["metrics"]["accuracy"]
+        median = report["results"]["label_flip"]["median"][setting.label]
+        assert median["accuracy_drop"] == pytest.approx(benign_accuracy - median["accuracy"])
         assert median["detection_rate"] is None  # a robust aggregator flags nobody
     assert "| median |" in md.read_text() and md.with_suffix(".png").stat().st_size > 0
 
-    calls.clear()  # a second invocation finds every cell finished
-    run_compare(None, overrides, [0], arms, "auror compare (test)", track=False, attacks=["label_flip"])
+    calls.clear()  # a second invocation finds every cell recorded
+    run(compare_grid(base, [0], arms, ["label_flip"]), tmp_path)
     assert calls == []
 
 
-def test_the_attack_matrix_shares_benign_cells_that_measure_the_same_success(tmp_path, overrides, monkeypatch):
+def test_the_attack_matrix_shares_benign_cells_that_measure_the_same_success(tmp_path, base, monkeypatch):
     calls = count_runs(monkeypatch)
-    md = run_compare(None, overrides, [0], ["benign", "attack"], "c", track=False,
-                     attacks=["ipm", "min_max", "backdoor"])
+    md = run(compare_grid(base, [0], ["benign", "attack"], ["ipm", "min_max", "backdoor"]), tmp_path)
     # every other attack runs IID 30% and Dirichlet(0.5) 30%
     assert sorted(c[4] for c in calls if c[0] == ("attack",)) == ["backdoor"] * 2 + ["ipm"] * 2 + ["min_max"] * 2
     # one benign run per partition for the untargeted ones (success: the accuracy drop), one for the backdoor
     assert len([c for c in calls if c[0] == ("benign",)]) == 4
-    table = json.loads(md.with_suffix(".json").read_text())
+    table = json.loads(md.with_suffix(".json").read_text())["results"]
     assert list(table) == ["backdoor", "ipm", "min_max"]
     for attack in ("ipm", "min_max"):
         assert set(table[attack]["attack"]) == {s.label for s in MATRIX_SETTINGS}
@@ -69,20 +79,50 @@ def test_the_attack_matrix_shares_benign_cells_that_measure_the_same_success(tmp
     assert "## ipm (untargeted: success is AD)" in text and "## backdoor (backdoor, target 7)" in text
 
 
-def test_an_unknown_attack_is_refused(overrides):
+def test_an_unknown_attack_is_refused(base):
     with pytest.raises(ConfigError, match="^--attacks: must be registered attacks"):
-        run_compare(None, overrides, [0], None, "c", attacks=["sybil"])
+        compare_grid(base, [0], None, ["sybil"])
 
 
-def test_a_new_defense_only_runs_its_own_cells(tmp_path, overrides, monkeypatch):
+def test_a_new_defense_only_runs_its_own_cells_and_the_report_names_missing_ones(tmp_path, base, monkeypatch):
     calls = count_runs(monkeypatch)
-    run_compare(None, overrides, [0], ["benign", "attack"], "c", track=False, attacks=["label_flip"])
+    run(compare_grid(base, [0], ["benign", "attack"], ["label_flip"]), tmp_path)
+    partial = compare_grid(base, [0, 1], ["benign", "attack"], ["label_flip"]).write_report("c")
+    missing = json.loads(partial.with_suffix(".json").read_text())["missing"]
+    assert {m["seed"] for m in missing} == {1} and len(missing) == 2 * 2 + 4  # benign: 2 cells of seed 1
+    assert "Not recorded yet (8 cells" in partial.read_text()
     calls.clear()
-    md = run_compare(None, overrides, [0], ["benign", "attack", "krum"], "c", track=False, attacks=["label_flip"])
+    md = run(compare_grid(base, [0], ["benign", "attack", "krum"], ["label_flip"]), tmp_path)
     assert {c[0] for c in calls} == {("krum",)}
     assert "| krum |" in md.read_text()
 
 
-def test_report_only_without_cells_is_refused(overrides):
-    with pytest.raises(ConfigError, match="--report-only: no arm has finished cells"):
-        run_compare(None, overrides, [0], None, "c", report_only=True)
+def test_report_only_without_cells_is_refused(base):
+    with pytest.raises(ConfigError, match="--report-only: no cell of this config is recorded"):
+        compare_grid(base, [0], None, None).write_report("c")
+
+
+def cli(tmp_path, *args):
+    return main(["compare", "--arms", "benign", "attack", "auror", "--attacks", "label_flip", "--seeds", "0",
+                 "--no-track", "--storage", f"sqlite:///{tmp_path}/s.db",
+                 *[a for kv in TINY for a in ("--set", kv)], "--set", f"tracking.reports_dir={tmp_path}/reports", *args])
+
+
+def test_a_changed_config_makes_new_cells_and_never_overwrites_the_report_of_another(tmp_path, monkeypatch, capsys):
+    """The comparison skips cells by key, not by label: another number of rounds runs new cells, and the
+    report of the first config is refused in one line before any work, or written beside it with --name."""
+    calls = count_runs(monkeypatch)
+    assert cli(tmp_path) == 0
+    first = len(calls)
+    report = tmp_path / "reports" / "compare_digits.json"
+    before = report.read_text()
+    capsys.readouterr()
+    assert cli(tmp_path, "--set", "training.rounds=3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"auror: error: {report}: holds a report of another config (training.rounds was 4, "
+                          "now 3); give --name NAME") and err.count("\n") == 1
+    assert len(calls) == first and report.read_text() == before  # refused before any work
+    assert cli(tmp_path, "--set", "training.rounds=3", "--name", "compare_digits_3rounds") == 0
+    assert len(calls) == 2 * first  # every cell is new under the new config
+    shown = json.loads((tmp_path / "reports" / "compare_digits_3rounds.json").read_text())
+    assert shown["config"]["values"]["training.rounds"] == 3 and report.read_text() == before

@@ -108,7 +108,7 @@ def test_partition_leaving_a_user_too_few_samples_is_a_config_error(tmp_path, mo
     (["benign", "nobody"], [], "--arms"),
 ])
 def test_an_arm_the_config_cannot_run_is_refused_naming_the_key(arms, overrides, key):
-    from pipeline.experiment.run import check_arms
+    from pipeline.experiment.arms import check_arms
 
     cfg = load_config(None, overrides)  # valid on its own: only the arm makes it wrong
     with pytest.raises(ConfigError) as err:
@@ -118,7 +118,7 @@ def test_an_arm_the_config_cannot_run_is_refused_naming_the_key(arms, overrides,
 
 def test_partial_uploads_are_refused_only_for_defenses_that_need_whole_updates():
     from pipeline.defenses import REGISTRY
-    from pipeline.experiment.run import check_arms
+    from pipeline.experiment.arms import check_arms
 
     cfg = load_config(None, ["protocol.theta_u=0.5"])
     partial = [name for name, d in REGISTRY.items() if d.handles_missing and name != "none"]

@@ -203,7 +203,7 @@ def test_cnn_trains_through_vectorised_training_like_each_user_alone():
 
 # --- the full data (slow) ------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.manual
 def test_full_gtsrb_decodes_once_and_loads_from_cache(gtsrb_root, tmp_path, monkeypatch):
     data = GTSRBDataModule(**USERS, root=gtsrb_root, cache_dir=tmp_path)
     data.prepare_data()

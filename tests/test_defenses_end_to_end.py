@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-import pipeline.experiment.run as run_module
+import pipeline.experiment.arms as arms_module
 from datamodules.digits import DigitsDataModule
 from lightning_modules.cnn import CNNClassifier
 from pipeline.defenses import REGISTRY
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import load_config
-from pipeline.experiment.run import ARMS, build_datamodule, run_arm
+from pipeline.experiment.arms import ARMS, build_datamodule, run_arm
 from tests.conftest import TINY
 
 DEFENSES = [name for name in REGISTRY if name != "none"]
@@ -116,9 +116,9 @@ class DigitsAsImages(DigitsDataModule):
 def test_each_defense_runs_with_a_convolutional_net(defense, monkeypatch):
     """The CNN's layout (conv and linear layers; per-user training through functional_call, FLTrust's
     root update included) works with every defense, as on GTSRB."""
-    monkeypatch.setitem(run_module.DATAMODULES, "digits",
+    monkeypatch.setitem(arms_module.DATAMODULES, "digits",
                         lambda cfg, **kw: DigitsAsImages(test_fraction=cfg.data.test_fraction, **kw))
-    monkeypatch.setitem(run_module.MODELS, "digits",
+    monkeypatch.setitem(arms_module.MODELS, "digits",
                         lambda cfg, data: CNNClassifier(10, input_shape=(1, 16, 16), channels=(4, 8), hidden_size=16))
     cfg = load_config(None, [*TINY, "training.rounds=2", "data.test_fraction=0.8"])  # 72 samples a user: quick
     result = run_arm(cfg, defense)

@@ -68,6 +68,7 @@ def test_every_params_key_and_code_dep_exists(name, stage, item):
         assert made or (ROOT / path).exists(), f"{name}: missing dependency {path}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(dvc_executable() is None, reason="the dvc executable is not installed (pip install -e '.[dev]')")
 @pytest.mark.skipif(not (ROOT / ".dvc").is_dir(), reason="not a DVC repository (no .dvc/ at the repository root)")
 def test_dvc_parses_the_pipeline():
@@ -110,6 +111,7 @@ ATTACK_MODULES = {str(f.relative_to(ROOT)) for f in (ROOT / "pipeline" / "attack
 DATAMODULES = {f"datamodules/{name}.py" for name in ("digits", "mnist", "gtsrb")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["benign", "attack", "auror"])
 def test_arm_stages_depend_on_every_module_the_run_imports(arm):
     imported = project_modules_imported_by("pipeline.experiment.run")

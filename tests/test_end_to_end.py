@@ -4,7 +4,8 @@ import mlflow
 import pytest
 
 from pipeline.experiment.cli import format_table, main, where_runs_are
-from pipeline.experiment.run import DEFAULT_ARMS as ARMS, METRICS, run_experiment
+from pipeline.experiment.arms import DEFAULT_ARMS as ARMS, METRICS
+from pipeline.experiment.run import run_experiment
 from tests.conftest import TINY
 
 

@@ -11,7 +11,8 @@ from torch.nn.utils import parameters_to_vector
 
 from pipeline.defenses.auror import Auror
 from pipeline.experiment.config import ConfigError, FaultsConfig, load_config
-from pipeline.experiment.run import run_arm, run_experiment
+from pipeline.experiment.arms import run_arm
+from pipeline.experiment.run import run_experiment
 from pipeline.core.faults import inject_faults, screen_uploads
 from tests.conftest import TINY
 

@@ -4,7 +4,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from pipeline.experiment.config import load_config
-from pipeline.experiment.run import build_datamodule, make_attack, run_arm, user_behaviour
+from pipeline.experiment.arms import build_datamodule, make_attack, run_arm, user_behaviour
 from lightning_modules.mlp import MLPClassifier
 from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.loop import CollaborativeLoop
@@ -28,7 +28,7 @@ def test_default_protocol_is_plain_federated_averaging_bit_for_bit():
     data = build_datamodule(cfg, poison=True)
     torch.manual_seed(0)
     module = MLPClassifier(64, 10, cfg.training.hidden_sizes, cfg.training.lr)
-    behaviour = user_behaviour(cfg, data.malicious, attacking=True)
+    behaviour = user_behaviour(cfg, make_attack(cfg), data.malicious, attacking=True)
     start = parameters_to_vector(module.parameters()).detach().clone()
 
     # FedAvg written out: everyone trains from the global model, the server adds the mean update

@@ -32,21 +32,24 @@ def test_markdown_table_puts_the_paper_beside_ours():
 
 def test_report_on_a_tiny_config_writes_table_plot_and_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    md = run_report(None, [*TINY, "users.num_users=10"], None, "auror report (test)")
+    md = run_report(load_config(None, [*TINY, "users.num_users=10"]), None, "auror report (test)")
     text = md.read_text()
     assert md.resolve() == tmp_path / "reports" / "digits.md"
     assert "auror report (test)" in text and text.count("malicious users |") == 3
     assert (tmp_path / "reports" / "digits_sr.png").stat().st_size > 1000
-    assert set(json.loads((tmp_path / "reports" / "digits.json").read_text())) == {
-        "10% malicious users", "20% malicious users", "30% malicious users"}
-    # every setting's runs write in a folder of their own, not over the default run's reports/latest.json
+    report = json.loads((tmp_path / "reports" / "digits.json").read_text())
+    assert set(report["results"]) == {"10% malicious users", "20% malicious users", "30% malicious users"}
+    assert report["config"]["values"]["users.num_users"] == 10 and report["config"]["hash"] in text
+    # the settings are cells of a grid: the results store holds them by key, not the default run's latest.json
     assert not (tmp_path / "reports" / "latest.json").exists()
-    for slug in ("10-malicious-users", "20-malicious-users", "30-malicious-users"):
-        assert set(json.loads((tmp_path / "reports" / "digits" / slug / "latest.json").read_text())) == {
-            "attack", "auror"}
-    # the three settings differ only in the attack: one benign arm serves them all
+    assert {len(json.loads((tmp_path / "reports" / "digits" / "paper" / f"{arm}.json").read_text()))
+            for arm in ("attack", "auror")} == {3}
+    # the three settings differ only in the attack: one benign cell serves them all
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert sorted(runs["tags.arm"]).count("benign") == 1 and len(runs) == 7
+    assert set(runs["status"]) == {"FINISHED"}
+    assert run_report(load_config(None, [*TINY, "users.num_users=10"]), None, "again").read_text().count("|") > 0
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 7  # every cell recorded: nothing runs again

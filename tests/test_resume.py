@@ -87,6 +87,7 @@ def assert_resumed_like_uninterrupted(tmp_path, uninterrupted, what: str):
     assert not list((tmp_path / "mlruns/checkpoints").glob("*/*.pt")), "finished arms leave no checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [KILL_AT])
 def test_sigkill_then_resume_by_mlflow_run_id(n, tmp_path, monkeypatch, uninterrupted):
     what = f"SIGKILL in local training call {n} of {3 * ROUNDS}"
@@ -102,6 +103,7 @@ def test_sigkill_then_resume_by_mlflow_run_id(n, tmp_path, monkeypatch, uninterr
     assert_resumed_like_uninterrupted(tmp_path, uninterrupted, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [INTERRUPT_AT])
 def test_ctrl_c_marks_the_run_killed_and_resumes_by_the_printed_id(n, tmp_path, monkeypatch, capsys, uninterrupted):
     what = f"SIGINT in local training call {n} of {3 * ROUNDS}"

@@ -18,11 +18,12 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline.experiment.storage import database_url
-from pipeline.experiment.sweep import Sweep
+from pipeline.experiment.queue import Sweep
 from tests.conftest import TINY
 from tests.servers import mlflow_server, postgres_bin, postgres_server, psycopg_missing
 
 pytestmark = [
+    pytest.mark.slow,  # servers and worker processes
     pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL's initdb/pg_ctl not found (/usr/lib/postgresql/*/bin)"),
     pytest.mark.skipif(psycopg_missing() is not None, reason=psycopg_missing() or ""),
 ]

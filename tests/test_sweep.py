@@ -6,28 +6,29 @@ import time
 
 import pytest
 
-from pipeline.experiment import sweep as sweep_module
+from pipeline.experiment import storage
 from pipeline.experiment.cli import main
-from pipeline.experiment.compare import grid_settings, plan_cells
-from pipeline.experiment.config import ConfigError
+from pipeline.experiment.config import ConfigError, load_config
+from pipeline.experiment.grid import Cell, expand, parse_grid
+from pipeline.experiment.queue import Sweep, work
 from pipeline.experiment.storage import database_url
-from pipeline.experiment.sweep import Cell, Sweep, work
 from tests.conftest import TINY
 
 
 def cells(n: int, config: str = "h") -> list[Cell]:
-    return [Cell("attack", f"setting {i}", 0, (f"users.malicious_fraction=0.{i}",), f"{config}{i}") for i in range(n)]
+    return [Cell("attack", f"setting {i}", 0, f"attack|seed 0|{config}{i}", None) for i in range(n)]
 
 
 def slow_cell(cell: Cell) -> dict:
     time.sleep(0.2)
-    return {"accuracy": float(cell.config_hash[-1])}
+    return {"accuracy": float(cell.key[-1])}
 
 
 def worker(url: str, n: int) -> None:
     work(Sweep(url, "s"), cells(n), slow_cell)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_split_the_cells_and_run_each_once(tmp_path):
     url = f"sqlite:///{tmp_path}/sweeps.db"
     Sweep(url, "s")  # the table exists before the two workers race for cells
@@ -42,7 +43,7 @@ def test_two_worker_processes_split_the_cells_and_run_each_once(tmp_path):
     assert len(rows) == 8 and {r["state"] for r in rows} == {"done"}
     assert all(r["attempts"] == 1 for r in rows)  # never run twice
     assert len({r["worker"] for r in rows}) == 2  # both worked
-    assert {r["key"]: r["result"]["accuracy"] for r in rows} == {c.key: float(c.config_hash[-1]) for c in cells(8)}
+    assert {r["key"]: r["result"]["accuracy"] for r in rows} == {c.key: float(c.key[-1]) for c in cells(8)}
 
 
 def test_a_finished_cell_is_never_rerun_and_a_new_config_is_a_new_cell(tmp_path):
@@ -55,7 +56,7 @@ def test_a_finished_cell_is_never_rerun_and_a_new_config_is_a_new_cell(tmp_path)
 
 
 def test_the_cell_of_a_dead_worker_is_taken_over_once_its_heartbeat_is_stale(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_module, "GRACE_PERIOD_S", 1.0)
+    monkeypatch.setattr(storage, "GRACE_PERIOD_S", 1.0)
     s = Sweep(f"sqlite:///{tmp_path}/sweeps.db", "s")
     todo = cells(2)
     s.add(todo)
@@ -92,7 +93,7 @@ def test_a_failing_cell_is_recorded_and_retried_by_the_next_command(tmp_path):
 
 
 def test_grid_settings_are_the_product_of_the_values():
-    settings = grid_settings(["users.malicious_fraction=0.1,0.3", "training.hidden_sizes=[16],[8,8]"])
+    settings = parse_grid(["users.malicious_fraction=0.1,0.3", "training.hidden_sizes=[16],[8,8]"])
     assert [s.label for s in settings] == [
         "users.malicious_fraction=0.1, training.hidden_sizes=[16]",
         "users.malicious_fraction=0.1, training.hidden_sizes=[8,8]",
@@ -100,11 +101,30 @@ def test_grid_settings_are_the_product_of_the_values():
         "users.malicious_fraction=0.3, training.hidden_sizes=[8,8]",
     ]
     with pytest.raises(ConfigError, match="--grid: expected KEY=V1,V2"):
-        grid_settings(["users.malicious_fraction"])
+        parse_grid(["users.malicious_fraction"])
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["seed=0,1"], "--grid: seed is not a grid axis; give the seeds with --seeds 0 1"),
+    (["users.malicious_fraction=0.1", "users.malicious_fraction=0.2"],
+     "--grid: users.malicious_fraction is given twice; list all its values once"),
+    (["defense.auror.tau=0.1,0.1"], "--grid: defense.auror.tau=0.1 is given twice"),
+])
+def test_a_grid_that_would_mislabel_its_columns_is_refused(grid, message):
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        parse_grid(grid)
+
+
+def test_two_values_of_one_config_are_refused_before_any_cell():
+    base = load_config(None, TINY)
+    with pytest.raises(ConfigError, match=r"^--grid: 'users.malicious_fraction=0.2' and 'users.malicious_fraction=0.20' "
+                                          "are the same config"):
+        expand(base, parse_grid(["users.malicious_fraction=0.2,0.20"]), [0], ["attack"])
 
 
 def test_the_benign_arm_is_one_cell_for_settings_that_differ_in_who_attacks():
-    planned = plan_cells(None, TINY, grid_settings(["users.malicious_fraction=0.2,0.4"]), [0, 1], ["benign", "attack"])
+    planned = expand(load_config(None, TINY), parse_grid(["users.malicious_fraction=0.2,0.4"]), [0, 1],
+                     ["benign", "attack"])
     assert len(planned) == 8
     assert len({c.key for c in planned if c.arm == "benign"}) == 2  # one per seed
     assert len({c.key for c in planned if c.arm == "attack"}) == 4
@@ -126,7 +146,7 @@ def test_auror_sweep_runs_a_grid_and_reports_it(tmp_path, monkeypatch, capsys):
             "--seeds", "0", "--no-track", "--storage", f"sqlite:///{tmp_path}/s.db", "--sweep-name", "frac",
             *[a for kv in TINY for a in ("--set", kv)], "--set", f"tracking.reports_dir={tmp_path}/reports"]
     assert main(args) == 0
-    table = json.loads((tmp_path / "reports" / "frac.json").read_text())["label_flip"]  # {attack: {arm: ...}}
+    table = json.loads((tmp_path / "reports" / "frac.json").read_text())["results"]["label_flip"]
     assert set(table) == {"benign", "attack", "median"}
     assert set(table["attack"]) == {"users.malicious_fraction=0.2", "users.malicious_fraction=0.4"}
     assert table["benign"]["users.malicious_fraction=0.2"] == table["benign"]["users.malicious_fraction=0.4"]
@@ -136,3 +156,102 @@ def test_auror_sweep_runs_a_grid_and_reports_it(tmp_path, monkeypatch, capsys):
     assert len(rows) == 5 and {r["state"] for r in rows} == {"done"}  # benign shared: 1 + 2 + 2
     assert main(args) == 0  # everything finished: nothing runs again
     assert all(r["attempts"] == 1 for r in Sweep(f"sqlite:///{tmp_path}/s.db", "frac").rows())
+
+
+# `auror sweep`, but the process SIGKILLs itself when local training starts for the n-th time: a worker
+# that dies in the middle of a cell, after that cell's checkpoint of the previous round
+KILLED_WORKER = """
+import os, signal, sys
+import pipeline.core.loop
+from pipeline.experiment.cli import main
+
+train, calls = pipeline.core.loop.train_users, []
+
+def train_then_die(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return train(*args, **kwargs)
+
+pipeline.core.loop.train_users = train_then_die
+sys.exit(main(["sweep", *sys.argv[2:]]))
+"""
+
+
+def tracked_sweep_args(tmp_path) -> list[str]:
+    return ["--grid", "users.malicious_fraction=0.4", "--arms", "attack", "--sweep-name", "killed",
+            "--storage", f"sqlite:///{tmp_path}/s.db", *[a for kv in TINY for a in ("--set", kv)],
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+            "--set", f"tracking.artifact_dir={tmp_path}/mlruns/artifacts",
+            "--set", f"tracking.reports_dir={tmp_path}/reports"]
+
+
+def cell_runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=["auror"], output_format="list")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_machine", [True, False], ids=["checkpoint-reachable", "checkpoint-elsewhere"])
+def test_a_killed_cell_ends_with_one_finished_run_and_no_running_one(tmp_path, monkeypatch, same_machine):
+    """A SIGKILLed worker's cell is taken over: from its checkpoint and in its own MLflow run where the
+    folder is reachable, else from scratch with the killed attempt's run ended KILLED."""
+    import subprocess
+    import sys
+
+    args = tracked_sweep_args(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WORKER, "3", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    (attempt,) = cell_runs(tmp_path)
+    assert attempt.info.status == "RUNNING"
+    folders = list((tmp_path / "mlruns" / "checkpoints").glob("cell-*"))
+    assert len(folders) == 1 and (folders[0] / "seed0-attack.pt").is_file()
+    if not same_machine:
+        import shutil
+
+        shutil.rmtree(folders[0])
+
+    monkeypatch.setattr(storage, "GRACE_PERIOD_S", 1.0)
+    time.sleep(1.5)  # the killed worker's heartbeat is stale now
+    assert main(["sweep", *args]) == 0
+    runs = cell_runs(tmp_path)
+    assert sorted(r.info.status for r in runs) == (["FINISHED"] if same_machine else ["FINISHED", "KILLED"])
+    assert not list((tmp_path / "mlruns" / "checkpoints").glob("cell-*"))  # no orphaned checkpoint folder
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    assert (finished.info.run_id == attempt.info.run_id) == same_machine
+
+    # the same cell run whole, untracked, gives the same metrics
+    reference = json.loads((tmp_path / "reports" / "killed.json").read_text())["results"]["label_flip"]["attack"]
+    assert main(["sweep", *args, "--no-track", "--sweep-name", "whole", "--storage", f"sqlite:///{tmp_path}/w.db"]) == 0
+    whole = json.loads((tmp_path / "reports" / "whole.json").read_text())["results"]["label_flip"]["attack"]
+    assert whole == reference
+
+
+@pytest.mark.slow
+def test_a_cell_whose_result_the_storage_lost_is_not_run_twice(tmp_path, monkeypatch):
+    """The storage fails as the finished cell's result is written: the rerun takes the result from the
+    cell's own folder instead of running (and tracking) the cell a second time."""
+    from pipeline.experiment import queue
+
+    args = tracked_sweep_args(tmp_path)
+    real = queue.Sweep.finish
+
+    def outage(self, key, worker, metrics):
+        raise RuntimeError("the storage is gone")
+
+    monkeypatch.setattr(queue.Sweep, "finish", outage)
+    with pytest.raises(RuntimeError, match="the storage is gone"):
+        main(["sweep", *args])
+    monkeypatch.setattr(queue.Sweep, "finish", real)
+    monkeypatch.setattr(storage, "GRACE_PERIOD_S", 1.0)
+    time.sleep(1.5)
+    import pipeline.core.loop
+
+    trained, train = [], pipeline.core.loop.train_users
+    monkeypatch.setattr(pipeline.core.loop, "train_users", lambda *a, **kw: trained.append(1) or train(*a, **kw))
+    assert main(["sweep", *args]) == 0
+    assert trained == [] and [r.info.status for r in cell_runs(tmp_path)] == ["FINISHED"]
+    assert not list((tmp_path / "mlruns" / "checkpoints").glob("cell-*"))

@@ -4,11 +4,12 @@ import mlflow
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.experiment import tune
+from pipeline.experiment import storage, studies
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import load_config
 from pipeline.core.loop import Callback
-from pipeline.experiment.tune import StudySpec, defense_objective, run_study
+from pipeline.experiment.objectives import defense_objective
+from pipeline.experiment.tune import StudySpec, run_study
 from tests.conftest import TINY
 
 
@@ -21,9 +22,10 @@ def tiny_overrides(tmp_path) -> list[str]:
     ]
 
 
-def tiny_spec(tmp_path, **kw) -> StudySpec:
-    kw = {"n_trials": 3, **kw}
-    return StudySpec(None, tiny_overrides(tmp_path), storage=f"sqlite:///{tmp_path}/optuna.db", study_name="t", **kw)
+def tiny_spec(tmp_path, overrides=(), **kw) -> StudySpec:
+    kw = {"n_trials": 3, "study_name": "t", **kw}
+    return StudySpec(load_config(None, [*tiny_overrides(tmp_path), *overrides]),
+                     storage=f"sqlite:///{tmp_path}/optuna.db", **kw)
 
 
 def study_runs(tmp_path):
@@ -53,7 +55,8 @@ def test_defense_objective_is_one_for_a_perfect_defense():
 def test_defense_study_logs_nested_runs_and_writes_best_params(tmp_path):
     result = run_study(tiny_spec(tmp_path))
     assert [t.state for t in result.study.trials] == [TrialState.COMPLETE] * 3
-    assert result.study.trials[0].params["defense.auror.tau"] == 0.5  # the configured setting is the first trial
+    first = result.study.trials[0]  # the configured setting, as configured: it searches nothing
+    assert first.params == {} and first.user_attrs["baseline"] and first.user_attrs["overrides"] == []
 
     runs = study_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -69,30 +72,34 @@ def test_defense_study_logs_nested_runs_and_writes_best_params(tmp_path):
 
     best = load_config(result.best_params_path)  # what `auror run --params` reads
     assert result.best_params_path == tmp_path / "reports" / "best_t.yaml"
-    assert best.users.num_users == 5 and best.defense.auror.tau == pytest.approx(result.study.best_params["defense.auror.tau"])
+    assert best.users.num_users == 5
+    assert best.defense.auror.tau == pytest.approx(result.study.best_trial.params.get("defense.auror.tau", 0.5))
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_with_finished_trials_kept(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_study(tiny_spec(tmp_path, extra_callbacks=[InterruptSecondRun()]))
     first = tiny_spec(tmp_path)
-    storage = tune.open_storage(first.storage)
-    study = tune.optuna.load_study(study_name="t", storage=storage)
+    opened = studies.open_storage(first.storage)
+    study = studies.optuna.load_study(study_name="t", storage=opened)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
     runs = {r.data.tags.get("optuna_trial", "parent"): r.info.status for r in study_runs(tmp_path)}
     assert runs == {"parent": "KILLED", "0": "FINISHED", "1": "KILLED"}
 
     # a trial of a process killed with SIGKILL: running, with a heartbeat that stopped
-    monkeypatch.setattr(tune, "GRACE_PERIOD_S", 1)
+    monkeypatch.setattr(storage, "GRACE_PERIOD_S", 1)
+    opened = studies.open_storage(first.storage)  # with the short grace period
+    study = studies.optuna.load_study(study_name="t", storage=opened)
     dead = study.ask()
-    storage.record_heartbeat(dead._trial_id)
+    opened.record_heartbeat(dead._trial_id)
     time.sleep(2.5)  # past the 1 s grace period by more than a second: SQLite's now() has whole seconds
 
     # the same command again (through the CLI) runs only the missing trials
     args = ["tune", "--study-name", "t", "--storage", first.storage, "--n-trials", "3"]
     assert main([*args, *[a for s in tiny_overrides(tmp_path) for a in ("--set", s)]]) == 0
     assert "Best params:" in capsys.readouterr().out
-    study = tune.optuna.load_study(study_name="t", storage=storage)
+    study = studies.optuna.load_study(study_name="t", storage=opened)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
                                                TrialState.COMPLETE, TrialState.COMPLETE]
     parents = [r for r in study_runs(tmp_path) if "optuna_trial" not in r.data.tags]
@@ -119,14 +126,13 @@ def test_a_defense_study_searches_any_defense_with_search_ranges(tmp_path):
     result = run_study(tiny_spec(tmp_path, defense="trimmed_mean", n_trials=2))
     trials = result.study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    assert set(trials[0].params) == {"defense.trimmed_mean.beta"}
-    assert trials[0].params["defense.trimmed_mean.beta"] == 0.1  # the configured setting first
+    assert trials[0].params == {} and set(trials[1].params) == {"defense.trimmed_mean.beta"}
     assert result.study.user_attrs["setting"]["defense"] == "trimmed_mean"
     runs = study_runs(tmp_path)
     assert {r.data.tags["defense"] for r in runs} == {"trimmed_mean"}
     assert {r.data.tags["arm"] for r in runs if "mlflow.parentRunId" in r.data.tags} == {"trimmed_mean"}
     best = yaml.safe_load(result.best_params_path.read_text())
-    assert best["defense"]["trimmed_mean"]["beta"] == result.study.best_trial.params["defense.trimmed_mean.beta"]
+    assert best["defense"]["trimmed_mean"]["beta"] == result.study.best_trial.params.get("defense.trimmed_mean.beta", 0.1)
     # a robust aggregator flags nobody: DR and FPR count 0 in the objective, so it is -SR - max(AD, 0)
     m = result.study.best_trial.user_attrs["metrics"]
     assert result.study.best_value == pytest.approx(-m["attack_success_rate"] - max(m["accuracy_drop"], 0))
@@ -135,20 +141,20 @@ def test_a_defense_study_searches_any_defense_with_search_ranges(tmp_path):
 def test_an_attack_study_searches_the_chosen_attack_and_maximises_its_own_success(tmp_path):
     import csv
 
-    spec = StudySpec(None, [*tiny_overrides(tmp_path), "attack.name=ipm"], kind="attack", defense="median",
-                     n_trials=2, storage=f"sqlite:///{tmp_path}/optuna.db")
+    spec = tiny_spec(tmp_path, ["attack.name=ipm"], kind="attack", defense="median", n_trials=2, study_name=None)
     result = run_study(spec)
     trials = result.study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    assert set(trials[0].params) == {"attack.ipm.epsilon", "users.malicious_users"}
-    assert trials[0].params["attack.ipm.epsilon"] == 0.5  # the configured setting first
+    assert trials[0].params == {} and set(trials[1].params) == {"attack.ipm.epsilon", "users.malicious_users"}
     for t in trials:  # untargeted: the objective is the accuracy drop, there is no SR
         m = t.user_attrs["metrics"]
         assert m["attack_success_rate"] is None and t.value == pytest.approx(m["accuracy_drop"])
     name = "attack-ipm-median-digits"  # the attack's and the defense's names in the study's
     assert result.best_params_path == tmp_path / "reports" / f"best_{name}.yaml"
     rows = list(csv.DictReader((tmp_path / "reports" / f"trials_{name}.csv").open()))
-    assert [r["trial"] for r in rows] == ["0", "1"] and rows[0]["attack.ipm.epsilon"] == "0.5"
+    assert [r["trial"] for r in rows] == ["0", "1"] and [r["setting"] for r in rows] == ["configured", "searched"]
+    assert rows[0]["attack.ipm.epsilon"] == "" and float(rows[1]["attack.ipm.epsilon"]) == trials[1].params[
+        "attack.ipm.epsilon"]
     assert float(rows[1]["objective"]) == pytest.approx(trials[1].value)
 
 
@@ -157,7 +163,7 @@ def test_opening_a_storage_whose_tables_another_worker_is_creating_retries(tmp_p
     # IntegrityError (a duplicate type name); the tables exist by then, so it opens them again
     import sqlalchemy
 
-    real, calls = tune.optuna.storages.RDBStorage, []
+    real, calls = studies.optuna.storages.RDBStorage, []
 
     def racing(url, **kwargs):
         calls.append(url)
@@ -165,7 +171,20 @@ def test_opening_a_storage_whose_tables_another_worker_is_creating_retries(tmp_p
             raise sqlalchemy.exc.IntegrityError("CREATE TABLE studies", {}, Exception("UniqueViolation"))
         return real(url, **kwargs)
 
-    monkeypatch.setattr(tune.optuna.storages, "RDBStorage", racing)
-    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
-    storage = tune.open_storage(f"sqlite:///{tmp_path}/optuna.db")
-    assert len(calls) == 2 and storage.get_all_studies() == []
+    monkeypatch.setattr(studies.optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(studies.time, "sleep", lambda s: None)
+    opened = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    assert len(calls) == 2 and opened.get_all_studies() == []
+
+
+@pytest.mark.parametrize("attack, key, configured", [("alie", "attack.alie.z", 0.0),
+                                                     ("model_replacement", "attack.model_replacement.scale", 0.0)])
+def test_the_first_trial_of_an_attack_study_is_the_configured_attack(tmp_path, attack, key, configured):
+    """z = 0 (ALIE's z_max) and scale = 0 (users / attackers) lie outside the searched ranges: the first
+    trial runs them as configured, not moved into the range."""
+    spec = tiny_spec(tmp_path, [f"attack.name={attack}"], kind="attack", defense="median", n_trials=1)
+    result = run_study(spec)
+    (trial,) = result.study.trials
+    assert trial.params == {} and trial.user_attrs["overrides"] == []
+    run = next(r for r in study_runs(tmp_path) if r.data.tags.get("optuna_trial") == "0")
+    assert float(run.data.params[key]) == configured

@@ -144,13 +144,6 @@ class Attack:
         """Rounds before which an attack study must not prune a trial (an attack that waits)."""
         return 1
 
-    @classmethod
-    def baseline(cls, cfg) -> dict[str, Any]:
-        """The configured values of ``search_ranges`` (a study's first trial), moved into the ranges."""
-        values = cfg.flat()
-        return {key: (int if integer else float)(min(max(values[key], low), high))
-                for key, (low, high, _, integer) in cls.search_ranges.items()}
-
 
 def everyone_uploads(upload: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """``upload`` (P,) as every attacker's row, shaped like ``own`` (attackers, P)."""

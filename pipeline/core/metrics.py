@@ -51,3 +51,13 @@ def defense_detection_rates(flags: str, flagged: set[int], excluded: list[list[i
 
 def _mean(values) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def accuracy_drop(benign_accuracy: float | None, accuracy: float) -> float | None:
+    """AD(M_B -> M) = A(M_B) - A(M); ``None`` without the benign model's accuracy."""
+    return None if benign_accuracy is None else benign_accuracy - accuracy
+
+
+def attack_success(attack_success_rate: float | None, drop: float | None) -> float | None:
+    """An attack's own success: its SR when targeted, the accuracy drop when untargeted (no SR)."""
+    return drop if attack_success_rate is None else attack_success_rate

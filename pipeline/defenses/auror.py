@@ -223,13 +223,6 @@ class AurorDefense(Defense):
                 f"{key}.window_rounds={window}"]
 
     @classmethod
-    def baseline(cls, params: AurorParams, cfg) -> dict:
-        key = f"defense.{cls.name}"
-        return {f"{key}.alpha_mode": params.alpha_mode, f"{key}.alpha[{params.alpha_mode}]": params.alpha,
-                f"{key}.tau": params.tau,
-                f"{key}.window_rounds": min(params.window_rounds, MAX_WINDOW_ROUNDS, cfg.training.rounds)}
-
-    @classmethod
     def warmup_rounds(cls, params: AurorParams, cfg) -> int:
         """Rounds before which a trial must not be pruned: detection cannot have happened yet."""
         return min(MAX_WINDOW_ROUNDS, cfg.training.rounds)

@@ -122,13 +122,6 @@ class Defense:
                 for field, (low, high, log) in cls.search_ranges.items()]
 
     @classmethod
-    def baseline(cls, params: DefenseParams, cfg) -> dict[str, Any]:
-        """The configured parameters as the trial parameters of :meth:`search_space` (a study's
-        first trial), moved into the searched ranges."""
-        return {f"defense.{cls.name}.{field}": min(max(getattr(params, field), low), high)
-                for field, (low, high, _) in cls.search_ranges.items()}
-
-    @classmethod
     def warmup_rounds(cls, params: DefenseParams, cfg) -> int:
         """Rounds before which an Optuna trial must not be pruned (a detector's window)."""
         return 1

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
-from pipeline.experiment.config import MAX_SEED, ConfigError, load_config
-from pipeline.experiment.sweep import CellsFailed
+from pipeline.core.errors import CellsFailed
+from pipeline.experiment.config import MAX_SEED, ConfigError, check_name, load_config
+from pipeline.experiment.storage import database_url
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -46,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, args.seeds, args.arms = invocation.cfg, invocation.seeds, invocation.arms
     else:
         cfg = load_config(args.params, args.set)
-    from pipeline.experiment.run import DEFAULT_ARMS, run_experiment  # heavy imports after validation
+    from pipeline.experiment.arms import DEFAULT_ARMS
+    from pipeline.experiment.run import run_experiment
 
     start = time.perf_counter()
     results = run_experiment(cfg, args.seeds, arms=args.arms or DEFAULT_ARMS, resume=invocation)
@@ -62,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
-    from pipeline.experiment.run import prepare_dataset
+    from pipeline.experiment.arms import prepare_dataset
 
     path = prepare_dataset(cfg)
     print(f"{cfg.data.name} ready: {path.read_text().strip()}\nWritten: {path}")
@@ -74,8 +76,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.seeds and len(args.seeds) > 1:
         raise ConfigError("--seeds: auror tune runs one seed per trial; give one seed (or --set seed=N)")
-    overrides = [*args.set, *([f"seed={args.seeds[0]}"] if args.seeds else [])]
-    spec = StudySpec(args.params, overrides, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
+    cfg = load_config(args.params, [*args.set, *([f"seed={args.seeds[0]}"] if args.seeds else [])])
+    spec = StudySpec(cfg, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
                      args.max_malicious_fraction)
     result = run_study(spec)
     study = result.study
@@ -85,39 +87,54 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best: trial {best.number}, objective {best.value:.4f}")
         for key, value in best.user_attrs.get("metrics", {}).items():
             print(f"  {key:20} {'-' if value is None else f'{value:.3f}'}")
-        print("  " + "\n  ".join(best.user_attrs["overrides"]))
+        print("  " + "\n  ".join(best.user_attrs["overrides"] or ["(the configured setting)"]))
         print(f"Best params: {result.best_params_path}  (auror run --params {result.best_params_path})")
-    print(f"Runs: {where_runs_are(load_config(args.params, overrides).tracking.tracking_uri)} "
-          f"(parent run {result.parent_run_id})")
+    print(f"Runs: {where_runs_are(cfg.tracking.tracking_uri)} (parent run {result.parent_run_id})")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.experiment.report import run_report
 
-    command = " ".join(["auror", "report", *args.argv])
-    md = run_report(args.params, args.set, args.seeds, command, from_dir=args.from_dir)
+    cfg = load_config(args.params, args.set)
+    md = run_report(cfg, args.seeds, command_line("report", args), from_dir=args.from_dir)
     print(f"\n{md.read_text()}")
     print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_name(md.stem + '_sr.png')}")
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.experiment.compare import run_compare
+def command_line(command: str, args: argparse.Namespace) -> str:
+    """The command as typed (the reports name it)."""
+    return " ".join(["auror", command, *args.argv])
 
-    cfg = load_config(args.params, args.set)
-    seeds = args.seeds or [cfg.seed]
-    command = " ".join(["auror", "compare", *args.argv])
+
+def key_code(args: argparse.Namespace) -> str | None:
+    from pipeline.experiment.grid import code_version
+
+    return code_version() if args.key_includes_code else None
+
+
+def print_written(md: Path) -> None:
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_name(md.stem + '.json')}, {md.with_name(md.stem + '.png')}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.experiment.compare import compare_grid
+
     if args.report_only and args.no_report:
         raise ConfigError("--no-report: with --report-only there is nothing left to do; drop one")
-    md = run_compare(args.params, args.set, seeds, args.arms, command, report_only=args.report_only,
-                     track=not args.no_track, report=not args.no_report, storage=args.storage,
-                     sweep_name=args.sweep_name, attacks=args.attacks)
-    if md is None:
-        print(f"\nCells: {Path(cfg.tracking.reports_dir) / 'compare' / cfg.data.name}")
+    cfg = load_config(args.params, args.set)
+    grid = compare_grid(cfg, args.seeds or [cfg.seed], args.arms, args.attacks, args.name, key_code(args))
+    sweep_name = check_name("--sweep-name", args.sweep_name or f"compare-{cfg.data.name}")
+    if not args.no_report:
+        grid.check_report("give --name NAME to write this comparison's report as NAME.md beside it")
+    if not args.report_only:
+        grid.run(args.storage, sweep_name, track=not args.no_track)
+    if args.no_report:
+        print(f"\nCells: {grid.store.root}")
         return 0
-    print(f"\n{md.read_text()}")
-    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    print_written(grid.write_report(command_line("compare", args)))
     return 0
 
 
@@ -125,22 +142,21 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from pipeline.experiment.diagnose import run_diagnosis
 
     cfg = load_config(args.params, args.set)
-    md = run_diagnosis(args.params, args.set, args.seeds or [cfg.seed], args.defenses, args.name or cfg.data.name)
-    print(f"\n{md.read_text()}")
-    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    name = check_name("--name", args.name or cfg.data.name)
+    print_written(run_diagnosis(cfg, args.set, args.seeds or [cfg.seed], args.defenses, name))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.experiment.compare import run_grid
-    from pipeline.experiment.run import DEFAULT_ARMS
+    from pipeline.experiment.compare import sweep_grid
+    from pipeline.experiment.arms import DEFAULT_ARMS
 
     cfg = load_config(args.params, args.set)
-    command = " ".join(["auror", "sweep", *args.argv])
-    md = run_grid(args.params, args.set, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS),
-                  command, track=not args.no_track, storage=args.storage, sweep_name=args.sweep_name)
-    print(f"\n{md.read_text()}")
-    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}")
+    grid = sweep_grid(cfg, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS), args.sweep_name,
+                      key_code(args))
+    grid.check_report("give another --sweep-name")
+    grid.run(args.storage, grid.report.name, track=not args.no_track)
+    print_written(grid.write_report(command_line("sweep", args)))
     return 0
 
 
@@ -152,6 +168,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, default_name: str) -> N
                         "workers with the same name and cells split them")
     parser.add_argument("--no-track", action="store_true",
                         help="log no MLflow runs (faster; the cells' metrics are still stored)")
+    parser.add_argument("--key-includes-code", action="store_true",
+                        help="key every cell by its config and the code version (git describe): a new commit "
+                             "makes new cells (default: the config alone)")
 
 
 def print_registry(registry: dict, note: Callable[[type], str] = lambda cls: "") -> None:
@@ -245,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "on the four settings, the others on IID 30%% and Dirichlet(0.5) 30%%)")
     compare.add_argument("--report-only", action="store_true",
                          help="run nothing: build the report from the finished cells")
+    compare.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default compare_<dataset>)")
     add_sweep_arguments(compare, "compare-<dataset>")
     compare.add_argument("--no-report", action="store_true",
                          help="run the cells only (the DVC stages of one arm); the report comes from --report-only")
@@ -285,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         bad_seeds = [s for s in getattr(args, "seeds", None) or [] if not 0 <= s <= MAX_SEED]
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
+        if getattr(args, "storage", None) is not None:  # every command refuses a bad URL first, the same way
+            database_url(args.storage, "--storage")
         return args.func(args)
     except (ConfigError, DatasetMissingError) as err:
         print(f"auror: error: {err}", file=sys.stderr)

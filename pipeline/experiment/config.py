@@ -9,10 +9,12 @@ problem is reported as a :class:`ConfigError` whose message names the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -273,6 +275,39 @@ def _positive(value: float) -> bool:
     return 0 < value < float("inf")
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME = 100  # a name becomes a file name and a database column (VARCHAR(200) holds it with a key)
+
+
+def check_name(option: str, name: str) -> str:
+    """A name that reaches a file name or a database column: letters, digits, '.', '_' and '-', starting
+    with a letter or digit, at most 100 characters (so it cannot leave its folder)."""
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"{option}: letters, digits, '.', '_' and '-' only, starting with a letter or digit, "
+                          f"got {name!r}")
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{option}: at most {MAX_NAME} characters, got {len(name)}")
+    return name
+
+
+def config_hash(values: dict) -> str:
+    """12 hex digits of the SHA-256 of ``values`` as sorted JSON: what keys a cell and names a report's config."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """``"key was A, now B"`` for the first key (sorted, nested) where two config dicts differ; ``""`` if none."""
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} was {a!r}, now {b!r}"
+    return ""
+
+
 def parse_override(text: str) -> tuple[list[str], str]:
     """``"attack.boost=2"`` -> ``(["attack", "boost"], "2")``."""
     key, sep, value = text.partition("=")
@@ -302,6 +337,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         _merge(values, loaded or {}, "", path)
+    _override(values, overrides)
+    return validate(_build(Config, values, ""))
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with ``--set`` style ``overrides`` applied, validated (the config of a grid's cell)."""
+    values = cfg.to_dict()
+    _override(values, overrides)
+    return validate(_build(Config, values, ""))
+
+
+def _override(values: dict[str, Any], overrides: Sequence[str]) -> None:
     for text in overrides:
         keys, raw = parse_override(text)
         node = values
@@ -313,7 +360,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if keys[-1] not in node:
             raise ConfigError(f"{'.'.join(keys)}: unknown key (known: {', '.join(sorted(node))})")
         node[keys[-1]] = raw
-    return validate(_build(Config, values, ""))
 
 
 def _merge(base: dict, update: dict, prefix: str, path: Path) -> None:

@@ -18,6 +18,8 @@ per defense: who sits where against the threshold).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,8 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.attacks.base import Attack  # noqa: E402
-from pipeline.core.metrics import defense_detection_rates  # noqa: E402
-from pipeline.experiment.config import ConfigError, load_config  # noqa: E402
+from pipeline.core.metrics import accuracy_drop, defense_detection_rates  # noqa: E402
+from pipeline.experiment.arms import ARMS, DataCache, check_arms, make_attack, poison_users, run_arm  # noqa: E402
+from pipeline.experiment.config import Config, ConfigError  # noqa: E402
+from pipeline.experiment.store import check_report, report_config  # noqa: E402
 
 # where each detector's threshold lies on its score (the dashed line of the figure)
 THRESHOLDS = {"auror": lambda p: p.tau, "auror_noniid": lambda p: -p.margin}
@@ -52,21 +56,27 @@ def poisons_data(attack: Attack) -> bool:
     return type(attack).poison_data is not Attack.poison_data
 
 
-def run_diagnosis(params: str | None, overrides: list[str], seeds: list[int], defenses: list[str],
-                  name: str) -> Path:
-    from pipeline.defenses import REGISTRY
-    from pipeline.experiment.run import build_datamodule, make_attack, run_arm
-
-    for d in defenses:
-        if d not in REGISTRY or d == "none":
-            raise ConfigError(f"--defenses: must be registered defenses ({', '.join(n for n in REGISTRY if n != 'none')}),"
-                              f" got {d!r}")
-    base = load_config(params, overrides)
-    out: dict = {"setting": overrides, "seeds": {}}
+def run_diagnosis(base: Config, overrides: list[str], seeds: list[int], defenses: list[str], name: str) -> Path:
+    """Run benign, attack and ``defenses`` for each seed; write ``diagnose_<name>.*`` (``overrides``: the
+    ``--set`` values the report names as its setting). Everything is checked before the first arm runs."""
+    unknown = next((d for d in defenses if d not in ARMS[2:]), None)
+    if unknown is not None:
+        raise ConfigError(f"--defenses: must be registered defenses ({', '.join(ARMS[2:])}), got {unknown!r}")
+    repeated = next((d for i, d in enumerate(defenses) if d in defenses[:i]), None)
+    if repeated is not None:
+        raise ConfigError(f"--defenses: {repeated} is given twice")
+    arms = check_arms(base, ["benign", "attack", *defenses])
+    reports = Path(base.tracking.reports_dir)
+    config = report_config(base)
+    check_report(reports / f"diagnose_{name}.json", config, "give another --name")
+    out: dict = {"config": config, "setting": overrides, "seeds": {}}
     for seed in seeds:
-        cfg = load_config(params, [*overrides, f"seed={seed}"])
+        cfg = dataclasses.replace(base, seed=seed)
         attack = make_attack(cfg)
-        data = build_datamodule(cfg, poison=True)
+        cache = DataCache()
+        data = copy.copy(cache.get(cfg, "attack"))
+        attack.setup(data.train_x)
+        poison_users(data, attack)
         source = cfg.attack.source_class
         source_counts = [int((data.clean_train_y[idx] == source).sum()) for idx in data.user_indices]
         changed = [int(data.poisoned[idx].sum()) for idx in data.user_indices]
@@ -74,11 +84,14 @@ def run_diagnosis(params: str | None, overrides: list[str], seeds: list[int], de
         seed_out = {"malicious": data.malicious.nonzero().flatten().tolist(),
                     "effective": effective.nonzero().flatten().tolist(),
                     "source_samples": source_counts, "changed_samples": changed, "arms": {}}
-        for arm in ["benign", "attack", *defenses]:
+        benign_accuracy = None
+        for arm in arms:
             print(f"== diagnose {name}: seed {seed}, arm {arm}", flush=True)
-            result = run_arm(cfg, arm)
+            result = run_arm(cfg, arm, data=cache)
             row = {k: result.metrics.get(k) for k in ("accuracy", "attack_success_rate",
                                                       "detection_rate", "false_positive_rate")}
+            benign_accuracy = row["accuracy"] if arm == "benign" else benign_accuracy
+            row["accuracy_drop"] = accuracy_drop(benign_accuracy, row["accuracy"])
             if arm in defenses:
                 det = result.detection
                 dr_eff, _ = defense_detection_rates(det["flags"], set(det.get("flagged_users", [])),
@@ -90,13 +103,12 @@ def run_diagnosis(params: str | None, overrides: list[str], seeds: list[int], de
                         row[key] = det[key]
             seed_out["arms"][arm] = row
         out["seeds"][str(seed)] = seed_out
-    reports = Path(base.tracking.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / f"diagnose_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     md = reports / f"diagnose_{name}.md"
     setting = " ".join(o for o in overrides if not o.startswith("tracking."))  # not where it writes
-    md.write_text(diagnosis_markdown(out, defenses, base, setting))
-    plot_scores(out, defenses, base, reports / f"diagnose_{name}.png")
+    md.write_text(diagnosis_markdown(out, [a for a in arms if a in defenses], base, setting))
+    plot_scores(out, [a for a in arms if a in defenses], base, reports / f"diagnose_{name}.png")
     return md
 
 
@@ -118,7 +130,7 @@ def diagnosis_markdown(out: dict, defenses: list[str], cfg, setting: str) -> str
              "| arm | accuracy | AD | SR | DR | DR eff | FPR |", "|---|---|---|---|---|---|---|"]
     for arm in ["benign", "attack", *defenses]:
         rows = [s["arms"][arm] for s in seeds]
-        drop = _mean([s["arms"]["benign"]["accuracy"] - s["arms"][arm]["accuracy"] for s in seeds])
+        drop = _mean(r["accuracy_drop"] for r in rows)
         lines.append(f"| {arm} | {_fmt(_mean(r['accuracy'] for r in rows))} | {_fmt(drop)} | "
                      f"{_fmt(_mean(r['attack_success_rate'] for r in rows))} | "
                      f"{_fmt(_mean(r['detection_rate'] for r in rows))} | "

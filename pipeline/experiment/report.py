@@ -5,7 +5,6 @@ malicious fraction, with and without AUROR."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.experiment.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.core.metrics import accuracy_drop  # noqa: E402
+from pipeline.experiment.config import Config, ConfigError  # noqa: E402
+from pipeline.experiment.store import check_report, report_config  # noqa: E402
+
+ARMS = ("benign", "attack", "auror")  # the paper's: M_B, M_P, M_A
 
 # The paper's Tables 5 (MNIST, by malicious users) and 6 (GTSRB, by malicious data).
 PAPER = {
@@ -34,16 +37,11 @@ class Setting:
     paper: dict | None = None
     malicious_fraction: float | None = None  # x of the plot, for the plain IID FedAvg rows
 
-    @property
-    def slug(self) -> str:
-        """The label as a folder name: ``30% users, DSSGD theta_u = 0.1`` -> ``30-users-dssgd-theta_u-0.1``."""
-        return re.sub(r"[^a-z0-9_.]+", "-", self.label.lower()).strip("-")
-
 
 def paper_settings(cfg: Config) -> list[Setting]:
     """Malicious users 30/20/10%; for GTSRB the poisoned fractions of Table 6;
     for MNIST DSSGD (theta_u = 0.1) and non-IID (Dirichlet 0.5) at 30%.
-    The settings at 30% come first: a long report shows its rows as they come."""
+    The settings at 30% come first."""
     name = cfg.data.name
     settings = [
         Setting(f"{f:.0%} malicious users", [f"users.malicious_fraction={f}"],
@@ -115,20 +113,10 @@ def plot_sr(rows: list[tuple[Setting, dict]], path: Path, title: str) -> Path:
     return path
 
 
-def benign_key(cfg: Config) -> str:
-    """What the benign arm depends on: everything but the attack and who attacks
-    (the split and the malicious users are drawn from separate generators)."""
-    knobs = cfg.to_dict()
-    for section in ("attack", "tracking", "report"):  # where a setting's runs write does not change them
-        knobs.pop(section)
-    knobs["users"].pop("malicious_fraction")
-    return json.dumps(knobs, sort_keys=True)
-
-
 def with_accuracy_drops(results: dict[str, dict]) -> dict[str, dict]:
     """Set the attack and auror arms' ``accuracy_drop`` against the benign arm in ``results``; return it."""
     for arm in ("attack", "auror"):
-        results[arm]["accuracy_drop"] = results["benign"]["accuracy"] - results[arm]["accuracy"]
+        results[arm]["accuracy_drop"] = accuracy_drop(results["benign"]["accuracy"], results[arm]["accuracy"])
     return results
 
 
@@ -145,57 +133,47 @@ def collect_results(setting: Setting, root: Path) -> dict | None:
     return with_accuracy_drops(results)  # the stages ran apart: the drop against the benign stage
 
 
-def run_report(params: str | None, overrides: list[str], seeds: list[int] | None, command: str,
-               from_dir: str | Path | None = None) -> Path:
-    """Run every paper setting of the configured dataset (or, with ``from_dir``, read
-    the DVC stages' outputs there); write ``<reports_dir>/<dataset>.md``, ``.json``
-    and ``_sr.png``, and each setting's own run outputs (``latest.json``, ``rounds.csv``,
-    plots) under ``<reports_dir>/<dataset>/<setting>/``. Returns the Markdown path."""
-    from pipeline.experiment.run import run_experiment
-
-    base = load_config(params, overrides)
+def run_report(base: Config, seeds: list[int] | None, command: str, from_dir: str | Path | None = None) -> Path:
+    """Run every paper setting of the configured dataset as cells of a grid (resumable; the results in
+    ``<reports_dir>/<dataset>/paper/``), or with ``from_dir`` read the DVC stages' outputs there; write
+    ``<reports_dir>/<dataset>.md``, ``.json`` and ``_sr.png``. Returns the Markdown path."""
     if from_dir is not None and not Path(from_dir).is_dir():
         raise ConfigError(f"--from: {from_dir} is not a folder (give the DVC stages' outputs, e.g. "
                           f"reports/pipeline/{base.data.name})")
+    reports, name = Path(base.tracking.reports_dir), base.data.name
     settings = paper_settings(base)
-    # validate all first; each setting's runs write their latest.json, rounds.csv and plots in a folder of their own
-    configs = [load_config(params, [*overrides, *s.overrides,
-                                    f"tracking.reports_dir={Path(base.tracking.reports_dir) / base.data.name / s.slug}"])
-               for s in settings]
-    benign: dict[str, dict] = {}  # settings that differ only in the attack share one benign arm
-    rows = []
-    for setting, cfg in zip(settings, configs):
-        if from_dir is not None:  # the DVC stages ran the arms
-            results = collect_results(setting, Path(from_dir))
-            rows += [(setting, results)] if results else []
-            continue
-        print(f"== {base.data.name}: {setting.label}", flush=True)
-        key = benign_key(cfg)
-        if key not in benign:
-            benign[key] = run_experiment(cfg, seeds, arms=("benign",))["benign"]
-        results = with_accuracy_drops({"benign": benign[key], **run_experiment(cfg, seeds, arms=("attack", "auror"))})
-        rows.append((setting, results))
-        if from_dir is None and len(rows) < len(settings):  # a long report shows its rows as they come
-            write_report(rows, base, command, seeds, f"In progress: {len(rows)} of {len(settings)} settings done.")
-    if not rows:  # never overwrite a report with an empty one
-        raise ConfigError(f"--from: no finished setting under {from_dir} (each needs benign/latest.json and "
-                          f"f<fraction>/{{attack,auror}}/latest.json); nothing written")
-    return write_report(rows, base, command, seeds)
+    if from_dir is not None:  # the DVC stages ran the arms
+        check_report(reports / f"{name}.json", report_config(base), "set tracking.reports_dir to write it elsewhere")
+        rows = [(s, r) for s in settings if (r := collect_results(s, Path(from_dir))) is not None]
+        if not rows:  # never overwrite a report with an empty one
+            raise ConfigError(f"--from: no finished setting under {from_dir} (each needs benign/latest.json and "
+                              f"f<fraction>/{{attack,auror}}/latest.json); nothing written")
+        return write_report(rows, base, command, seeds)
+    from pipeline.experiment.compare import Grid, summarise
+    from pipeline.experiment.grid import Setting as Column
+
+    seeds = seeds or [base.seed]
+    grid = Grid(base, {"paper": [Column(s.label, tuple(s.overrides)) for s in settings]}, seeds, list(ARMS),
+                reports / name, reports / name)
+    grid.check_report("set tracking.reports_dir to write it elsewhere")
+    grid.run(None, f"report-{name}", track=True)
+    table = summarise(grid.cells["paper"], grid.recorded()["paper"], seeds)
+    return write_report([(s, {arm: table[arm][s.label] for arm in ARMS}) for s in settings], base, command, seeds)
 
 
-def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, seeds: list[int] | None,
-                 status: str = "") -> Path:
+def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, seeds: list[int] | None) -> Path:
     """``<reports_dir>/<dataset>.md``, ``.json`` and ``_sr.png`` for the rows so far."""
     reports = Path(base.tracking.reports_dir)
     name = base.data.name
     plot = plot_sr(rows, reports / f"{name}_sr.png", f"{name}: attack success, {base.users.num_users} users")
-    (reports / f"{name}.json").write_text(json.dumps({s.label: r for s, r in rows}, indent=2) + "\n")
+    (reports / f"{name}.json").write_text(json.dumps({"config": report_config(base),
+                                                      "results": {s.label: r for s, r in rows}}, indent=2) + "\n")
     seeds_text = ", ".join(map(str, seeds or [base.seed]))
     md = reports / f"{name}.md"
     md.write_text(
         f"# {name}: AUROR against targeted poisoning ({base.attack.source_class} -> {base.attack.target_class})\n\n"
-        f"Produced by `{command}` (seeds {seeds_text}; mean over seeds).\n\n"
-        + (f"**{status}**\n\n" if status else "")
+        f"Produced by `{command}` (seeds {seeds_text}; mean over seeds; config {report_config(base)['hash']}, every "
+        f"value in `{name}.json`).\n\n"
         + f"{markdown_table(rows, base.report.decimals)}\n\n"
         "SR: attack success rate; AD: accuracy drop against the benign arm; DR / FPR: AUROR's detection / "
         "false-positive rate. The paper does not say whether its SR is measured with or without the "

@@ -20,6 +20,7 @@ random stream derives from (seed, round, user).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import secrets
@@ -38,11 +39,17 @@ from pipeline.experiment.tracking import absolute_uri, run_name, run_tags
 VERSION = 1
 RECORD = "invocation.json"
 RESUME_TAG = "resume_id"  # on every arm's MLflow run: `auror run --resume RUN_ID` finds the invocation by it
+CELL_TAG = "cell"  # on a grid cell's MLflow run: its key (a takeover ends the killed attempt's run by it)
 
 
 def checkpoints_root(cfg: Config) -> Path:
     """``checkpoints/`` beside ``tracking.artifact_dir`` (default ``mlruns/checkpoints``)."""
     return Path(cfg.tracking.artifact_dir).parent / "checkpoints"
+
+
+def cell_folder(cfg: Config, cell: str) -> Path:
+    """The one checkpoint folder of the grid cell keyed ``cell`` (removed once the queue has its result)."""
+    return checkpoints_root(cfg) / ("cell-" + hashlib.sha256(cell.encode()).hexdigest()[:16])
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -73,20 +80,37 @@ class Invocation:
     def arms(self) -> list[str]:
         return self.record["arms"]
 
+    @property
+    def cell(self) -> str | None:
+        """The key of the grid cell this invocation runs (``None`` for an ``auror run``)."""
+        return self.record.get("cell")
+
     @classmethod
-    def create(cls, cfg: Config, seeds: list[int], arms: list[str]) -> "Invocation":
-        root = checkpoints_root(cfg)
-        root.mkdir(parents=True, exist_ok=True)
-        resume_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        folder = root / resume_id
-        folder.mkdir()
+    def create(cls, cfg: Config, seeds: list[int], arms: list[str], cell: str | None = None) -> "Invocation":
+        """A new folder: a fresh id for an ``auror run``; for a grid cell, the one folder of its key, so that
+        the cell's next attempt (a rerun, or a takeover of a killed worker's cell) finds it."""
+        if cell is None:
+            folder = checkpoints_root(cfg) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        else:
+            folder = cell_folder(cfg, cell)
+            if (folder / RECORD).is_file():
+                return cls.read(folder, cfg)
+        folder.mkdir(parents=True, exist_ok=cell is not None)
+        resume_id = folder.name
         (folder / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         record = {"version": VERSION, "id": resume_id, "cwd": str(Path.cwd()), "seeds": list(seeds),
-                  "arms": list(arms), "runs": {}, "finished": {}}
+                  "arms": list(arms), "runs": {}, "finished": {}, **({"cell": cell} if cell else {})}
         invocation = cls(folder, record, cfg)
         invocation._write()
         return invocation
 
+    @classmethod
+    def read(cls, folder: Path, cfg: Config) -> "Invocation":
+        """The invocation recorded in ``folder``, run under ``cfg``; :class:`ConfigError` when unreadable."""
+        try:
+            return cls(folder, _load_record(folder), cfg)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{folder / RECORD} is unreadable ({err}); delete {folder} to start it again") from None
     def _write(self) -> None:
         write_atomic(self.folder / RECORD, lambda f: f.write((json.dumps(self.record, indent=1) + "\n").encode()))
 
@@ -117,9 +141,7 @@ def open_invocation(ref: str, cfg: Config) -> Invocation:
     there is none, or when it cannot be resumed from here."""
     folder = _find(ref, cfg)
     try:
-        record = json.loads((folder / RECORD).read_text())
-        if not isinstance(record, dict) or {"id", "seeds", "arms", "runs", "finished"} - record.keys():
-            raise ValueError("missing fields")
+        record = _load_record(folder)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--resume {ref}: {folder / RECORD} is unreadable ({err})") from None
     if record.get("version") != VERSION:
@@ -137,6 +159,13 @@ def open_invocation(ref: str, cfg: Config) -> Invocation:
             if f"{seed}/{arm}" not in record["finished"]:
                 Checkpoint(folder / f"seed{seed}-{arm}.pt").load()
     return Invocation(folder, record, resumed)
+
+
+def _load_record(folder: Path) -> dict:
+    record = json.loads((folder / RECORD).read_text())
+    if not isinstance(record, dict) or {"id", "seeds", "arms", "runs", "finished"} - record.keys():
+        raise ValueError("missing fields")
+    return record
 
 
 def _find(ref: str, cfg: Config) -> Path:
@@ -178,7 +207,10 @@ def arm_run(experiment_id: str, cfg: Config, arm: str, invocation: Invocation | 
     if run_id is not None:
         run = mlflow.start_run(run_id=run_id)
     else:
-        tags = {**run_tags(cfg, arm), **({RESUME_TAG: invocation.id} if invocation is not None else {})}
+        if invocation is not None and invocation.cell is not None:
+            end_abandoned_runs(experiment_id, invocation.cell)
+        tags = {**run_tags(cfg, arm), **({RESUME_TAG: invocation.id} if invocation is not None else {}),
+                **({CELL_TAG: invocation.cell} if invocation is not None and invocation.cell else {})}
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(cfg, arm), tags=tags)
         if invocation is not None:
             invocation.set_run_id(cfg.seed, arm, run.info.run_id)
@@ -191,3 +223,12 @@ def arm_run(experiment_id: str, cfg: Config, arm: str, invocation: Invocation | 
         raise
     finally:
         mlflow.end_run(status)
+
+
+def end_abandoned_runs(experiment_id: str, cell: str) -> None:
+    """End as KILLED the runs a killed attempt at ``cell`` left RUNNING (its worker is gone: the queue
+    gave the cell to this one), so that a cell never has a run left RUNNING beside its finished one."""
+    client = mlflow.MlflowClient()
+    escaped = cell.replace("'", "\\'")
+    for run in client.search_runs([experiment_id], f"tags.{CELL_TAG} = '{escaped}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")

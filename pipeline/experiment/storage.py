@@ -1,4 +1,5 @@
-"""Database URLs shared by workers: SQLite on one machine, PostgreSQL across machines."""
+"""Database URLs shared by workers (SQLite on one machine, PostgreSQL across machines), checked the
+same way by every command before any work, and the timing every shared table uses."""
 
 from __future__ import annotations
 
@@ -7,22 +8,57 @@ import fcntl
 import importlib.util
 from pathlib import Path
 
-from pipeline.experiment.config import ConfigError
+import sqlalchemy as sa
+
+from pipeline.core.errors import ConfigError
 
 POSTGRES_EXTRA = "pip install -e '.[postgres]'"
+EXPECTED = "expected sqlite:///<file> or postgresql://<user>@<host>:<port>/<db>"
+SWEEP_STORAGE = "sqlite:///mlruns/sweeps.db"  # the cells of `auror compare` / `auror sweep`
+STUDY_STORAGE = "sqlite:///mlruns/optuna.db"  # the trials of `auror tune`
+HEARTBEAT_S = 10  # a running cell's or trial's worker refreshes its heartbeat this often ...
+GRACE_PERIOD_S = 45  # ... and is presumed dead when the last one is older than this
 
 
 def database_url(url: str, option: str) -> str:
-    """The SQLAlchemy URL for ``url``: ``postgresql://`` uses psycopg 3 (the ``postgres`` extra), refused in one
-    line when it is not installed; a SQLite file's folder is created."""
-    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+    """The SQLAlchemy URL for ``url``, or a one-line :class:`ConfigError`: ``postgresql://`` needs a
+    database name and psycopg 3 (the ``postgres`` extra); ``sqlite:///`` needs a file whose folder
+    exists or can be made (it is made)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as err:
+        raise ConfigError(f"{option}: {EXPECTED}, got {url!r} (not a valid URL: {err})") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        if not parsed.database:
+            raise ConfigError(f"{option}: {EXPECTED}: the database name is missing, got {url!r}")
         if importlib.util.find_spec("psycopg") is None:
             raise ConfigError(f"{option}: {url.split(':')[0]} needs the PostgreSQL driver: {POSTGRES_EXTRA}")
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if backend == "sqlite" and url.startswith("sqlite:///"):
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise ConfigError(f"{option}: {EXPECTED}: the file is missing, got {url!r}")
+        path = Path(database)
+        if path.is_dir():
+            raise ConfigError(f"{option}: {path} is a folder; name a file in it, e.g. sqlite:///{path / 'db.sqlite'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"{option}: cannot make the folder {path.parent} for {url!r} ({err.strerror})") from None
         return url
-    raise ConfigError(f"{option}: expected sqlite:///<file> or postgresql://<user>@<host>:<port>/<db>, got {url!r}")
+    raise ConfigError(f"{option}: {EXPECTED}, got {url!r}")
+
+
+def open_engine(url: str, option: str) -> sa.engine.Engine:
+    """An engine on a checked URL; connection errors (no server, wrong password) in one line."""
+    engine = sa.create_engine(database_url(url, option), pool_pre_ping=True)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.SQLAlchemyError as err:
+        raise ConfigError(f"{option}: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+    return engine
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 
+from pipeline.experiment.arms import make_attack
 from pipeline.experiment.config import Config
 from pipeline.experiment.storage import store_lock
 from pipeline.core.device import describe_device, select_device
@@ -63,8 +64,6 @@ def git_commit() -> str:
 
 def run_tags(cfg: Config, arm: str) -> dict[str, str]:
     """Tags that let ``mlflow ui`` filter and compare arms."""
-    from pipeline.experiment.run import make_attack
-
     return {
         "arm": arm,
         "dataset": cfg.data.name,

@@ -1,7 +1,7 @@
-"""Cells of a grid claimed from a shared table, so that many workers split one sweep.
+"""The queue: cells of a grid (:mod:`pipeline.experiment.grid`) claimed from a shared table, so that many
+workers split one sweep, and the one runner of a cell.
 
-A *cell* is one run of one arm under one config and seed. A sweep's cells are
-rows of the table ``auror_cells`` in a database (``sqlite:///`` on one
+A sweep's cells are rows of the table ``auror_cells`` in a database (``sqlite:///`` on one
 machine, ``postgresql://`` across machines). Every worker pointed at the same
 database and sweep name adds the cells it was asked for (a cell already there
 is kept), then claims them one at a time:
@@ -9,7 +9,7 @@ is kept), then claims them one at a time:
 - a claim is an ``UPDATE ... WHERE state = 'todo'`` that only one worker can
   win, so no cell runs twice at once;
 - a running cell's worker refreshes its heartbeat every :data:`HEARTBEAT_S`
-  seconds; a cell whose heartbeat is older than :data:`GRACE_PERIOD_S` belongs
+  seconds; a cell whose heartbeat is older than ``GRACE_PERIOD_S`` belongs
   to a worker that died (SIGKILL, power loss) and is claimed again;
 - a finished cell (``done``, its metrics stored in the row) is never rerun;
   a cell whose run raised is ``failed`` with the error and is tried again by
@@ -17,32 +17,36 @@ is kept), then claims them one at a time:
 - a worker with nothing left to claim waits while other workers' cells run
   (to take one over if its worker dies) and stops when the sweep is finished.
 
-A cell's key holds a hash of its full config, so changing the config gives new
-cells instead of reusing results of the old one.
+A cell's key is the hash of its resolved config (:func:`pipeline.experiment.grid.cell_key`), so
+changing the config gives new cells instead of reusing results of the old one. A cell that a
+killed worker left is resumed from its checkpoint where that worker's folder is reachable, and
+its MLflow run is reopened, or ended KILLED where it is not: a cell ends with one FINISHED run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline.experiment.storage import database_url, store_lock
+from pipeline.core.errors import CellsFailed
+from pipeline.experiment import storage
+from pipeline.experiment.grid import Cell
+from pipeline.experiment.resume import Invocation, cell_folder
+from pipeline.experiment.run import run_experiment
+from pipeline.experiment.storage import HEARTBEAT_S, open_engine, store_lock
 
 log = logging.getLogger("auror")
-
-DEFAULT_STORAGE = "sqlite:///mlruns/sweeps.db"
-HEARTBEAT_S = 10  # a running cell's worker refreshes its heartbeat this often ...
-GRACE_PERIOD_S = 45  # ... and is presumed dead when the last one is older than this
 
 METADATA = sa.MetaData()
 CELLS = sa.Table(
@@ -58,35 +62,8 @@ CELLS = sa.Table(
 )
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One run: ``arm`` under the config ``overrides`` (after the base ones) and ``seed``, shown as ``label``."""
-
-    arm: str
-    label: str
-    seed: int
-    overrides: tuple[str, ...]
-    config_hash: str  # of the full resolved config: another config is another cell
-
-    @property
-    def key(self) -> str:
-        return f"{self.arm}|seed {self.seed}|{self.config_hash}"  # not the label: equal runs are one cell
-
-    def spec(self) -> str:
-        return json.dumps({"arm": self.arm, "label": self.label, "seed": self.seed,
-                           "overrides": list(self.overrides), "config_hash": self.config_hash})
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class CellsFailed(RuntimeError):
-    """Some cells' runs raised; their errors are in the table."""
 
 
 class Sweep:
@@ -94,16 +71,12 @@ class Sweep:
 
     def __init__(self, url: str, name: str, option: str = "--storage") -> None:
         self.name = name
+        self.engine = open_engine(url, option)
         try:
-            self.engine = sa.create_engine(database_url(url, option), pool_pre_ping=True)
             with store_lock(url), self.engine.begin() as conn:
                 METADATA.create_all(conn, checkfirst=True)
         except sa.exc.IntegrityError:  # PostgreSQL: another worker created the table at the same moment
             pass
-        except sa.exc.SQLAlchemyError as err:
-            from pipeline.experiment.config import ConfigError
-
-            raise ConfigError(f"{option}: cannot open {url!r}: {str(err).splitlines()[0]}") from None
 
     def _where(self, *clauses):
         return sa.and_(CELLS.c.sweep == self.name, *clauses)
@@ -123,7 +96,7 @@ class Sweep:
     def claim(self, worker: str, keys: list[str]) -> str | None:
         """The key of one of ``keys`` that this worker now runs (to do, or of a dead worker), or None."""
         while True:
-            stale = time.time() - GRACE_PERIOD_S
+            stale = time.time() - storage.GRACE_PERIOD_S
             claimable = sa.and_(CELLS.c.key.in_(keys), sa.or_(
                 CELLS.c.state == "todo", sa.and_(CELLS.c.state == "running", CELLS.c.heartbeat < stale)))
             with self.engine.begin() as conn:
@@ -244,3 +217,28 @@ def work(sweep: Sweep, cells: list[Cell], run_cell: Callable[[Cell], dict],
         sweep.finish(key, worker, metrics)
         ran += 1
         on_done(cell, metrics)
+
+
+def run_cells(cells: list[Cell], sweep: Sweep, track: bool,
+              on_done: Callable[[Cell, dict], None] = lambda cell, metrics: None) -> None:
+    """Run ``cells`` with every other worker of ``sweep``, each through :func:`run_experiment` with its
+    own run outputs, checkpoints and MLflow run; raise :class:`CellsFailed` if any failed."""
+    def own(cell: Cell):
+        out = Path(cell.cfg.tracking.reports_dir) / "cell-runs" / cell.key.replace("|", "-").replace(" ", "")
+        return dataclasses.replace(cell.cfg, tracking=dataclasses.replace(cell.cfg.tracking, reports_dir=str(out)))
+
+    def run_cell(cell: Cell) -> dict:
+        cfg = own(cell)
+        invocation = Invocation.create(cfg, [cell.seed], [cell.arm], cell=cell.key) if track else None
+        return run_experiment(cfg, [cell.seed], track=track, arms=[cell.arm], resume=invocation)[cell.arm]
+
+    def done(cell: Cell, metrics: dict) -> None:
+        if track:  # the queue holds the result now: the cell's checkpoint folder is not needed again
+            shutil.rmtree(cell_folder(own(cell), cell.key), ignore_errors=True)
+        on_done(cell, metrics)
+
+    work(sweep, cells, run_cell, done)
+    failed = [r for r in sweep.rows([c.key for c in cells]) if r["state"] == "failed"]
+    if failed:
+        raise CellsFailed(f"{len(failed)} cell(s) of sweep {sweep.name} failed, e.g. {failed[0]['key']}: "
+                          f"{failed[0]['result']}; run the same command again to retry them")

@@ -1,0 +1,71 @@
+"""The results store: every finished cell's metrics by its key (:func:`pipeline.experiment.grid.cell_key`).
+
+One JSON file per (group, arm), ``<root>/<group>/<arm>.json`` (a comparison's group is the attack: the
+files DVC's per-(attack, arm) stages output), ``{key: {"label", "seed", "metrics"}}``, rewritten
+atomically. A result is found by its key alone, so a changed config never finds the old config's
+numbers; label and seed are there for people reading the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.checkpoint import write_atomic
+from pipeline.core.errors import ConfigError
+from pipeline.experiment.config import Config, config_hash, first_difference
+
+if TYPE_CHECKING:
+    from pipeline.experiment.grid import Cell
+
+
+class ResultsStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, group: str, arm: str) -> Path:
+        return self.root / group / f"{arm}.json"
+
+    def load(self, group: str, arm: str) -> dict[str, dict]:
+        path = self.path(group, arm)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def results(self, group: str, cells: list[Cell]) -> dict[str, dict]:
+        """``{key: metrics}`` of the ``cells`` recorded under ``group``."""
+        found: dict[str, dict] = {}
+        for arm in dict.fromkeys(c.arm for c in cells):
+            records = self.load(group, arm)
+            found.update({c.key: records[c.key]["metrics"] for c in cells if c.arm == arm and c.key in records})
+        return found
+
+    def record(self, group: str, cells: list[Cell], results: dict[str, dict]) -> None:
+        """Add the ``cells`` whose metrics ``results`` holds (by key) to their arms' files."""
+        for arm in dict.fromkeys(c.arm for c in cells if c.key in results):
+            records = self.load(group, arm)
+            records.update({c.key: {"label": c.label, "seed": c.seed, "metrics": results[c.key]}
+                            for c in cells if c.arm == arm and c.key in results})
+            text = (json.dumps(records, indent=1, sort_keys=True) + "\n").encode()
+            write_atomic(self.path(group, arm), lambda f: f.write(text))
+
+
+def report_config(cfg: Config) -> dict:
+    """The config a report shows, named in its JSON (``config``): everything but where it writes and the device."""
+    shown = {k: v for k, v in cfg.flat().items() if not k.startswith(("tracking.", "report.")) and k != "training.device"}
+    return {"hash": config_hash(shown), "values": shown}
+
+
+def check_report(json_path: Path, config: dict, elsewhere: str) -> None:
+    """Refuse (before any work) to write a report over one of another config: the new one goes
+    ``elsewhere`` (the option that names it) or the old one is deleted first. A report that names
+    no config (written before reports named theirs) is replaced."""
+    if not json_path.is_file():
+        return
+    try:
+        old = json.loads(json_path.read_text()).get("config")
+    except (ValueError, AttributeError):
+        old = None
+    if isinstance(old, dict) and old.get("hash") != config["hash"]:
+        difference = first_difference(old.get("values", {}), config["values"])
+        raise ConfigError(f"{json_path}: holds a report of another config ({difference}); {elsewhere}, "
+                          "or delete it first")

@@ -1,0 +1,145 @@
+"""An Optuna study's storage and lifecycle, shared by the workers of one study: the RDB storage with
+heartbeats (a dead worker's trial is failed and queued again), the study's recorded setting, and
+the loop that runs trials until the study's budget of finished trials is reached."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import warnings
+
+import mlflow
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+from pipeline.attacks import REGISTRY as ATTACKS
+from pipeline.experiment import storage
+from pipeline.experiment.config import Config, ConfigError, first_difference
+from pipeline.experiment.storage import HEARTBEAT_S, database_url, store_lock
+
+log = logging.getLogger("auror")
+
+MAX_RETRIES = 3  # a trial whose worker died runs again at most this often
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_trials
+
+
+def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with the traceback of wherever it was: keep its one-line
+    "trial failed" message, drop the traceback (the interrupt is the user's, not an error)."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_ctrl_c)
+
+
+def study_setting(kind: str, defense: str, cfg: Config, budget: float) -> dict:
+    """What a study must keep between runs: its kind, defense, base config (bar tracking, report, the device
+    (a study may go on on another machine) and the other defenses' sections) and budget."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
+    config["training"] = {k: v for k, v in config["training"].items() if k != "device"}
+    config["defense"] = {defense: config["defense"][defense]}
+    config["attack"] = {k: v for k, v in config["attack"].items() if k not in ATTACKS or k == cfg.attack.name}
+    return json.loads(json.dumps({"kind": kind, "defense": defense, "config": config,
+                                  "max_malicious_fraction": budget}))
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: a trial of a dead process is failed and retried (same parameters)."""
+    sqlalchemy_url = database_url(url, "--storage")
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                with store_lock(url):
+                    return optuna.storages.RDBStorage(sqlalchemy_url, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=storage.GRACE_PERIOD_S,
+                                                      heartbeat_stale_trial_callback=retry_stale_trial)
+        except sqlalchemy.exc.IntegrityError:  # PostgreSQL: another worker created Optuna's tables at the
+            time.sleep(1 + attempt)  # same moment (no lock for a server); they exist now: open them
+        except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
+            raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+    raise ConfigError(f"--storage: cannot open {url!r}: its tables are still being created by another worker")
+
+
+def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial failed for a stale heartbeat: its MLflow run died with it, and it runs again (the same
+    parameters, as a new trial) in whichever worker asks next."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+    log.info("trial %d of a process that died marked FAIL; queued again", trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+
+
+def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    stored = study.user_attrs.get("setting")
+    if stored is None:
+        study.set_user_attr("setting", setting)
+    elif stored != setting:
+        raise ConfigError(f"--study-name {name}: the study was made with another setting "
+                          f"({first_difference(stored, setting)}); pick a new --study-name")
+    # re-seeded on every resume, so that a continued study does not replay its first samples
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
+    return study
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class SurplusTrial(Exception):
+    """Workers started the study's last trial at the same moment: the later one steps back (FAIL, not run)."""
+
+
+def claimed_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered before ``number`` that finished or are running: they come first in the budget."""
+    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HEARTBEAT_S) -> None:
+    """Run trials, one at a time, with any other worker of the study until it has ``n_trials`` finished ones.
+
+    A trial starts only while fewer than ``n_trials`` are finished or running (the
+    objective's :func:`claimed_before` settles a tie between workers). While the
+    rest are running elsewhere, wait: a trial whose worker dies is failed by its
+    stale heartbeat, queued again, and taken over here.
+    """
+    waiting = False
+    while True:
+        fail_stale_trials(study)
+        finished = count_finished(study)
+        if finished >= n_trials:
+            return
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished + running >= n_trials:
+            if not waiting:
+                log.info("study %s: %d finished, %d running elsewhere; waiting for them (a trial whose worker "
+                         "dies is taken over)", study.study_name, finished, running)
+                waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
+        study.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+
+
+def fail_running(study: optuna.Study, numbers: list[int]) -> None:
+    """Mark FAIL the trials this process started and left running (Optuna already does it
+    for an interrupt inside the objective; this covers one between trials)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.number in numbers:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
