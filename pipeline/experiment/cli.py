@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -36,38 +37,33 @@ def format_table(results: dict[str, dict[str, float | None]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    invocation = None
+    from pipeline.experiment.arms import DEFAULT_ARMS
+    from pipeline.experiment.run import run_experiment
+
+    cfg, invocation = args.cfg, None
     if args.resume is not None:
         given = [name for name, value in (("--set", args.set), ("--seeds", args.seeds), ("--arms", args.arms)) if value]
         if given:
             raise ConfigError(f"--resume: runs the interrupted run's own config, seeds and arms; drop {given[0]}")
         from pipeline.experiment.resume import open_invocation  # --params (or ./params.yaml) only says where to look
 
-        invocation = open_invocation(args.resume, load_config(args.params))
+        invocation = open_invocation(args.resume, cfg)
         cfg, args.seeds, args.arms = invocation.cfg, invocation.seeds, invocation.arms
-    else:
-        cfg = load_config(args.params, args.set)
-    from pipeline.experiment.arms import DEFAULT_ARMS
-    from pipeline.experiment.run import run_experiment
-
     start = time.perf_counter()
     results = run_experiment(cfg, args.seeds, arms=args.arms or DEFAULT_ARMS, resume=invocation)
-    print()
-    if args.seeds and len(args.seeds) > 1:
-        print(f"mean over seeds {', '.join(map(str, args.seeds))}:")
+    print(f"\nmean over seeds {', '.join(map(str, args.seeds))}:" if args.seeds and len(args.seeds) > 1 else "")
     print(format_table(results))
-    print(f"\n{time.perf_counter() - start:.1f} s. Final metrics: {Path(cfg.tracking.reports_dir) / 'latest.json'}, "
-          f"plot: {Path(cfg.tracking.reports_dir) / 'latest.png'}")
+    reports = Path(cfg.tracking.reports_dir)
+    print(f"\n{time.perf_counter() - start:.1f} s. Final metrics: {reports / 'latest.json'}, plot: {reports / 'latest.png'}")
     print(f"Runs: {where_runs_are(cfg.tracking.tracking_uri)}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = load_config(args.params, args.set)
     from pipeline.experiment.arms import prepare_dataset
 
-    path = prepare_dataset(cfg)
-    print(f"{cfg.data.name} ready: {path.read_text().strip()}\nWritten: {path}")
+    path = prepare_dataset(args.cfg)
+    print(f"{args.cfg.data.name} ready: {path.read_text().strip()}\nWritten: {path}")
     return 0
 
 
@@ -76,10 +72,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.seeds and len(args.seeds) > 1:
         raise ConfigError("--seeds: auror tune runs one seed per trial; give one seed (or --set seed=N)")
-    cfg = load_config(args.params, [*args.set, *([f"seed={args.seeds[0]}"] if args.seeds else [])])
-    spec = StudySpec(cfg, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
-                     args.max_malicious_fraction)
-    result = run_study(spec)
+    cfg = dataclasses.replace(args.cfg, seed=args.seeds[0]) if args.seeds else args.cfg
+    result = run_study(StudySpec(cfg, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
+                                 args.max_malicious_fraction))
     study = result.study
     print(f"\nstudy {study.study_name}: {len(study.trials)} trials in {result.storage}")
     if result.best_params_path is not None:
@@ -96,27 +91,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.experiment.report import run_report
 
-    cfg = load_config(args.params, args.set)
-    md = run_report(cfg, args.seeds, command_line("report", args), from_dir=args.from_dir)
-    print(f"\n{md.read_text()}")
-    print(f"Written: {md}, {md.with_suffix('.json')}, {md.with_name(md.stem + '_sr.png')}")
+    md = run_report(args.cfg, args.seeds, command_line(args), from_dir=args.from_dir)
+    print_written(md, md.with_name(md.stem + "_sr.png"))
     return 0
-
-
-def command_line(command: str, args: argparse.Namespace) -> str:
-    """The command as typed (the reports name it)."""
-    return " ".join(["auror", command, *args.argv])
-
-
-def key_code(args: argparse.Namespace) -> str | None:
-    from pipeline.experiment.grid import code_version
-
-    return code_version() if args.key_includes_code else None
-
-
-def print_written(md: Path) -> None:
-    print(f"\n{md.read_text()}")
-    print(f"Written: {md}, {md.with_name(md.stem + '.json')}, {md.with_name(md.stem + '.png')}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -124,7 +101,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.report_only and args.no_report:
         raise ConfigError("--no-report: with --report-only there is nothing left to do; drop one")
-    cfg = load_config(args.params, args.set)
+    cfg = args.cfg
     grid = compare_grid(cfg, args.seeds or [cfg.seed], args.arms, args.attacks, args.name, key_code(args))
     sweep_name = check_name("--sweep-name", args.sweep_name or f"compare-{cfg.data.name}")
     if not args.no_report:
@@ -133,31 +110,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
         grid.run(args.storage, sweep_name, track=not args.no_track)
     if args.no_report:
         print(f"\nCells: {grid.store.root}")
-        return 0
-    print_written(grid.write_report(command_line("compare", args)))
+    else:
+        print_written(grid.write_report(command_line(args)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.experiment.arms import DEFAULT_ARMS
+    from pipeline.experiment.compare import sweep_grid
+
+    cfg = args.cfg
+    grid = sweep_grid(cfg, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS), args.sweep_name,
+                      key_code(args))
+    grid.check_report("give another --sweep-name")
+    grid.run(args.storage, grid.report.name, track=not args.no_track)
+    print_written(grid.write_report(command_line(args)))
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from pipeline.experiment.diagnose import run_diagnosis
 
-    cfg = load_config(args.params, args.set)
-    name = check_name("--name", args.name or cfg.data.name)
-    print_written(run_diagnosis(cfg, args.set, args.seeds or [cfg.seed], args.defenses, name))
+    name = check_name("--name", args.name or args.cfg.data.name)
+    print_written(run_diagnosis(args.cfg, args.set, args.seeds or [args.cfg.seed], args.defenses, name))
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.experiment.compare import sweep_grid
-    from pipeline.experiment.arms import DEFAULT_ARMS
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (the reports name it)."""
+    return " ".join(["auror", args.command, *args.argv])
 
-    cfg = load_config(args.params, args.set)
-    grid = sweep_grid(cfg, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS), args.sweep_name,
-                      key_code(args))
-    grid.check_report("give another --sweep-name")
-    grid.run(args.storage, grid.report.name, track=not args.no_track)
-    print_written(grid.write_report(command_line("sweep", args)))
-    return 0
+
+def key_code(args: argparse.Namespace) -> str | None:
+    from pipeline.experiment.grid import code_version
+
+    code = code_version() if args.key_includes_code else None
+    if args.key_includes_code and code is None:
+        raise ConfigError("--key-includes-code: not a git checkout (git describe failed); drop the option")
+    return code
+
+
+def print_written(md: Path, plot: Path | None = None) -> None:
+    print(f"\n{md.read_text()}")
+    print(f"Written: {md}, {md.with_name(md.stem + '.json')}, {plot or md.with_name(md.stem + '.png')}")
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
@@ -300,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         # every line out at once, also into a file or a pipe: a run killed early still shows its --resume id
         sys.stdout.reconfigure(line_buffering=True)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-        if hasattr(args, "params"):
+        if hasattr(args, "params"):  # parsed and validated once, here; a resumed run reads its own
             args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+            args.cfg = load_config(args.params, [] if getattr(args, "resume", None) else args.set)
         bad_seeds = [s for s in getattr(args, "seeds", None) or [] if not 0 <= s <= MAX_SEED]
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")

@@ -82,16 +82,15 @@ def cell_config(cfg: Config, arm: str) -> dict:
     return knobs
 
 
-def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout (a key that includes it makes every commit new cells)."""
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout (``None`` outside one): an MLflow run's tag, and
+    part of a cell's key when the user asks (then every commit makes new cells)."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)
     except OSError:
-        out = None
-    if out is None or out.returncode != 0:
-        raise ConfigError("--key-includes-code: not a git checkout (git describe failed); drop the option")
-    return out.stdout.strip()
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def cell_key(cfg: Config, arm: str, code: str | None = None) -> str:

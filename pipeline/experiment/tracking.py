@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import mlflow
 
 from pipeline.experiment.arms import make_attack
 from pipeline.experiment.config import Config
+from pipeline.experiment.grid import code_version
 from pipeline.experiment.storage import store_lock
 from pipeline.core.device import describe_device, select_device
 from pipeline.core.loop import Callback, CollaborativeLoop
@@ -53,15 +53,6 @@ def _experiment_id(cfg: Config, uri: str) -> str:
         return experiment.experiment_id
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def run_tags(cfg: Config, arm: str) -> dict[str, str]:
     """Tags that let ``mlflow ui`` filter and compare arms."""
     return {
@@ -73,7 +64,7 @@ def run_tags(cfg: Config, arm: str) -> dict[str, str]:
         "malicious_fraction": str(cfg.users.malicious_fraction),
         "defense": "none" if arm in ("benign", "attack") else arm,
         "seed": str(cfg.seed),
-        "git_commit": git_commit(),
+        "git_commit": code_version() or "unknown",
         "device": describe_device(select_device(cfg.training.device)),  # CNN metrics depend on it (README)
     }
 
