@@ -46,6 +46,11 @@ NAMED_SETUPS = {
     "empty folder `nodata`": lambda cwd: (cwd / "nodata").mkdir(),
     "empty folder `empty`": lambda cwd: (cwd / "empty").mkdir(),
     "truncated MNIST files in `baddata`": lambda cwd: truncated_mnist(cwd / "baddata"),
+    # files of more than one line
+    "`params.yaml` giving `users:` twice": lambda cwd: (cwd / "params.yaml").write_text(
+        "users:\n  num_users: 4\nusers:\n  min_samples: 5\n"),
+    "`params.yaml` giving `users.num_users` twice": lambda cwd: (cwd / "params.yaml").write_text(
+        "users:\n  num_users: 4\n  num_users: 5\n"),
 }
 
 

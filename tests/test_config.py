@@ -1,3 +1,5 @@
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,165 @@ def test_partial_uploads_are_refused_only_for_defenses_that_need_whole_updates()
     partial = [name for name, d in REGISTRY.items() if d.handles_missing and name != "none"]
     assert {"auror", "median", "trimmed_mean", "norm_clipping"} <= set(partial)
     assert check_arms(cfg, ["benign", "attack", *partial]) == ["benign", "attack", *partial]
+
+
+# --- config files that mean what they say --------------------------------------------------------------------------
+
+def test_shipped_params_files_load_with_the_duplicate_refusing_loader():
+    from pipeline.experiment.config import ParamsLoader
+
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        assert yaml.load(path.read_text(), Loader=ParamsLoader) == yaml.safe_load(path.read_text()), path.name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("users:\n  num_users: 4\nusers:\n  min_samples: 5\n", "users: given twice (lines 1 and 3)"),
+    ("users:\n  num_users: 4\n  num_users: 5\n", "users.num_users: given twice (lines 2 and 3)"),
+    ("defense:\n  auror:\n    tau: 0.4\n\n    tau: 0.3\n", "defense.auror.tau: given twice (lines 3 and 5)"),
+    ("defense: {auror: {tau: 0.4, tau: 0.3}}\n", "defense.auror.tau: given twice (both on line 1)"),
+    ("seed: 1\n'seed': 2\n", "seed: given twice (lines 1 and 2)"),  # the same key, however quoted
+    ("users: {num_users: 4}\nattack: {name: ipm}\nattack: {name: alie}\n", "attack: given twice (lines 2 and 3)"),
+])
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_one_key_in_several_sections_and_a_merge_key_are_not_duplicates(tmp_path):
+    from pipeline.experiment.config import ParamsLoader
+
+    path = tmp_path / "params.yaml"
+    path.write_text("attack: {poisoned_fraction: 0.5, backdoor: {poisoned_fraction: 0.5},\n"
+                    "         alie: {poisoned_fraction: 0.4}}\n"
+                    "defense: {auror: {window_rounds: 3}, auror_noniid: {window_rounds: 3}}\n")
+    cfg = load_config(path)
+    assert cfg.attack.backdoor.poisoned_fraction == 0.5 and cfg.attack.alie.poisoned_fraction == 0.4
+    assert yaml.load("a: &a {x: 1}\nb:\n  <<: *a\n  x: 2\n", Loader=ParamsLoader) == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing here\n", "# users:\n#   num_users: 20\n\n"])
+def test_an_empty_params_file_is_refused_saying_how_to_get_the_defaults(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml: the params file is empty .*omit --params"):
+        load_config(path)
+
+
+def test_a_top_level_null_is_not_a_mapping_of_sections(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("~\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections, got null$"):
+        load_config(path)
+
+
+def test_a_folder_is_not_a_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a params file"):
+        load_config(tmp_path)
+
+
+def test_an_unknown_key_of_a_section_without_keys_says_so(tmp_path):
+    from pipeline.defenses import REGISTRY
+
+    empty = [name for name, d in REGISTRY.items() if not dataclasses.fields(d.Params)]
+    assert "median" in empty and "none" in empty
+    for name in empty:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"defense.{name}.x=1"])
+        assert str(err.value) == f"defense.{name}.x: unknown key (defense.{name} takes no keys)"
+    path = tmp_path / "params.yaml"
+    path.write_text("defense: {median: {x: 1}}\n")
+    with pytest.raises(ConfigError, match=r"defense.median.x: unknown key \(defense.median takes no keys\); was"):
+        load_config(path)
+
+
+def _numeric_parameters():
+    """``(section, field)`` of every int or float parameter of every registered defense and attack."""
+    from typing import get_type_hints
+
+    from pipeline.attacks import REGISTRY as ATTACKS
+    from pipeline.defenses import REGISTRY
+
+    out = []
+    for kind, registry in (("defense", REGISTRY), ("attack", ATTACKS)):
+        for name, cls in registry.items():
+            hints = get_type_hints(cls.Params)
+            out += [(f"{kind}.{name}", f.name) for f in dataclasses.fields(cls.Params) if hints[f.name] in (int, float)]
+    return out
+
+
+NUMERIC = _numeric_parameters()
+
+
+def test_the_numeric_parameters_cover_every_plugin_with_numbers():
+    sections = {section for section, _ in NUMERIC}
+    assert {"defense.auror", "defense.auror_output_layer", "defense.fltrust", "attack.ipm", "attack.alie"} <= sections
+    assert ("defense.auror", "alpha") in NUMERIC and ("attack.model_replacement", "scale") in NUMERIC
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".inf", ".nan"])
+@pytest.mark.parametrize("section, name", NUMERIC, ids=[f"{s}.{n}" for s, n in NUMERIC])
+def test_every_numeric_plugin_parameter_refuses_nan_and_infinity(section, name, value):
+    """Through --set, as a user gives it; an int parameter refuses them as not an int."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{section}.{name}={value}"])
+    assert str(err.value).startswith(f"{section}.{name}: ") and "\n" not in str(err.value)
+
+
+def test_a_new_plugin_parameter_is_refused_nan_and_infinity_without_a_rule_of_its_own():
+    """The validation path checks every float field of every plug-in after its own rules
+    (``check_finite_fields``), so a plug-in that forgets one is covered."""
+    from pipeline.attacks.base import AttackParams
+    from pipeline.defenses.base import check_finite_fields
+
+    @dataclasses.dataclass
+    class NoRules(AttackParams):
+        scale: float = 1.0
+        rounds: int = 3
+
+    check_finite_fields(NoRules(), "attack.norules")
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError) as err:
+            check_finite_fields(NoRules(scale=value), "attack.norules")
+        assert str(err.value) == f"attack.norules.scale: must be a finite number, got {value!r}"
+
+
+def test_an_infinite_auror_threshold_is_refused():
+    """alpha=inf made no feature indicative: AUROR silently flagged nobody."""
+    for override in ("defense.auror.alpha=inf", "defense.auror.alpha=.inf", "defense.auror_output_layer.alpha=inf"):
+        with pytest.raises(ConfigError, match="alpha: must be a finite number >= 0, got inf$"):
+            load_config(None, [override])
+    assert load_config(None, ["defense.auror.alpha=0.5"]).defense.auror.alpha == 0.5
+
+
+@pytest.mark.parametrize("root, message", [
+    (100000, "defense.fltrust.root_size: must be smaller than digits's 1347 training samples (the root set is drawn "
+             "from them), got 100000"),
+    (1347, "defense.fltrust.root_size: must be smaller than digits's 1347 training samples (the root set is drawn "
+           "from them), got 1347"),
+    (1300, "defense.fltrust.root_size: a root set of 1300 of digits's 1347 training samples leaves a user 1, fewer "
+           "than users.min_samples=10"),
+])
+def test_a_root_set_the_data_cannot_hold_is_refused_under_its_own_key(root, message):
+    from pipeline.experiment.arms import DataCache, build_datamodule
+
+    cfg = load_config(None, [f"defense.fltrust.root_size={root}"])
+    with pytest.raises(ConfigError) as err:
+        DataCache().get(cfg, "fltrust")
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match="^defense.fltrust.root_size: "):
+        build_datamodule(cfg, poison=False, root_size=root)
+
+
+def test_a_users_problem_with_a_root_set_is_still_the_users():
+    """The root set is named only when it is the cause: the data without it is fine."""
+    from pipeline.experiment.arms import DataCache
+
+    cfg = load_config(None, ["users.num_users=500"])
+    with pytest.raises(ConfigError, match="^users.num_users: 500 users leave one"):
+        DataCache().get(cfg, "fltrust")
+    cfg = load_config(None, ["users.partition=dirichlet", "users.dirichlet_alpha=0.01", "users.min_samples=100"])
+    with pytest.raises(ConfigError, match="^users.partition: "):
+        DataCache().get(cfg, "fltrust")

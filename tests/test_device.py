@@ -115,7 +115,7 @@ def test_a_cuda_run_repeats_exactly_and_agrees_with_the_cpu():
 @requires_cuda
 def test_a_run_checkpointed_on_cuda_resumes_on_the_cpu(tmp_path):
     cfg = load_config(None, [*TINY, "protocol.theta_d=0.5"])  # users keep local parameters across rounds
-    checkpoint = Checkpoint(tmp_path / "arm.pt")
+    checkpoint = Checkpoint(tmp_path / "arm.pt", "test")
 
     def loop(rounds: int, device: str) -> CollaborativeLoop:
         data = build_datamodule(cfg, poison=True)

@@ -121,13 +121,63 @@ def test_ctrl_c_marks_the_run_killed_and_resumes_by_the_printed_id(n, tmp_path, 
 
 
 def test_checkpoint_is_written_atomically_and_loaded_without_pickled_code(tmp_path):
-    checkpoint = Checkpoint(tmp_path / "c" / "seed0-auror.pt")
+    checkpoint = Checkpoint(tmp_path / "c" / "seed0-auror.pt", "auror|seed 0|abc")
     assert checkpoint.load() is None
-    state = {"round": 3, "global_params": torch.arange(4.0), "local_params": None, "history": [{"round": 1}]}
+    state = {"round": 3, "global_params": torch.arange(4.0), "local_params": None,
+             "history": [{"round": r} for r in (1, 2, 3)]}
     checkpoint.save(state)
     loaded = checkpoint.load()
     assert loaded["round"] == 3 and torch.equal(loaded["global_params"], state["global_params"])
     assert [p.name for p in checkpoint.path.parent.iterdir()] == ["seed0-auror.pt"]  # no temporary file left
-    checkpoint.path.write_bytes(checkpoint.path.read_bytes()[:50])  # truncated
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+    whole = checkpoint.path.read_bytes()
+    checkpoint.path.write_bytes(whole[:200])  # truncated in the payload
+    with pytest.raises(CheckpointError, match="its content does not match its digest"):
         checkpoint.load()
+    checkpoint.path.write_bytes(whole[:50])  # truncated in the header
+    with pytest.raises(CheckpointError, match="damaged: its header or content is cut short"):
+        checkpoint.load()
+
+
+def refused(checkpoint: Checkpoint, why: str) -> None:
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load()
+    assert str(err.value) == f"{checkpoint.path}: {why}; delete it to restart that arm from round 1"
+    assert "weights_only" not in str(err.value)
+
+
+def test_a_checkpoint_that_does_not_prove_itself_is_refused(tmp_path):
+    """A flipped bit, a round counter that disagrees with the history, another config, another format."""
+    path = tmp_path / "seed0-auror.pt"
+    state = {"round": 2, "global_params": torch.arange(4.0), "history": [{"round": 1}, {"round": 2}]}
+    Checkpoint(path, "key-a").save(state)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1  # one bit of the weights' payload
+    path.write_bytes(bytes(data))
+    refused(Checkpoint(path, "key-a"), "its content does not match its digest (damaged or edited)")
+
+    Checkpoint(path, "key-a").save({**state, "round": 30})  # re-saved with the tensors intact, the counter edited
+    refused(Checkpoint(path, "key-a"), "its round counter (30) disagrees with its history of 2 rounds")
+
+    Checkpoint(path, "key-a").save(state)
+    refused(Checkpoint(path, "key-b"), "saved by a run of another config (key-a, this one is key-b)")
+
+    torch.save(state, path)  # a plain torch file: what an older version wrote, or an edit
+    refused(Checkpoint(path, "key-a"), "not a checkpoint of this version of auror's loop")
+
+
+def test_a_resume_refuses_a_tampered_checkpoint_before_reopening_any_run(tmp_path, monkeypatch, capsys):
+    """`auror run` killed after round 2, its checkpoint's round counter set to the last round and re-saved:
+    the resume is refused in one line (exit 2), naming the file, instead of reporting the round-2 model."""
+    monkeypatch.chdir(tmp_path)
+    killed = run_killed(tmp_path, "SIGKILL", 3)  # the benign arm's third round: its checkpoint holds rounds 1-2
+    assert killed.returncode == -signal.SIGKILL
+    (path,) = (tmp_path / "mlruns" / "checkpoints").glob("*/seed0-benign.pt")
+    header, _, payload = path.read_bytes().partition(b"\n")
+    state = torch.load(__import__("io").BytesIO(payload), weights_only=True)
+    Checkpoint(path, header.split(b" ", 3)[3].decode()).save({**state, "round": ROUNDS})
+    statuses = [r.info.status for r in runs_of(tmp_path)]
+    assert main(["run", "--resume", path.parent.name]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"auror: error: mlruns/checkpoints/{path.parent.name}/seed0-benign.pt: its round counter ({ROUNDS}) "
+                   "disagrees with its history of 2 rounds; delete it to restart that arm from round 1\n")
+    assert [r.info.status for r in runs_of(tmp_path)] == statuses  # no run reopened

@@ -41,7 +41,8 @@ class AttackParams:
     """Base of an attack's parameters (subclass it as a dataclass)."""
 
     def validate(self, key: str) -> None:
-        """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``attack.<name>``."""
+        """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``attack.<name>``.
+        NaN and +-inf in a float field are refused after it, for every plug-in (``check_finite_fields``)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, Uploads, present_rows
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, finite_number
 from pipeline.defenses.clustering import two_means_1d
 
 log = logging.getLogger("auror")
@@ -136,7 +136,8 @@ class AurorParams(DefenseParams):
         if self.alpha_mode == "quantile":
             check(0 <= self.alpha < 1, f"{key}.alpha", "must be in [0, 1) with alpha_mode=quantile", self.alpha)
         else:
-            check(self.alpha >= 0, f"{key}.alpha", "must be >= 0", self.alpha)
+            check(finite_number(self.alpha) and self.alpha >= 0, f"{key}.alpha", "must be a finite number >= 0",
+                  self.alpha)
         check(0 <= self.tau < 1, f"{key}.tau", "must be in [0, 1)", self.tau)
         check(self.window_rounds >= 1, f"{key}.window_rounds", "must be >= 1", self.window_rounds)
         check(self.window_reduce in WINDOW_REDUCES, f"{key}.window_reduce",

@@ -28,7 +28,7 @@ from sklearn.cluster import KMeans
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, ParameterSlice, Uploads, present_rows
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, finite_number
 from pipeline.defenses.clustering import two_means_1d
 
 
@@ -60,7 +60,7 @@ class AurorOutputLayerParams(DefenseParams):
     find_rounds: int = 10  # FLPoison's indicative_find_epoch: the indicative features are fixed after it
 
     def validate(self, key: str) -> None:
-        check(self.alpha >= 0, f"{key}.alpha", "must be >= 0", self.alpha)
+        check(finite_number(self.alpha) and self.alpha >= 0, f"{key}.alpha", "must be a finite number >= 0", self.alpha)
         check(self.find_rounds >= 1, f"{key}.find_rounds", "must be >= 1", self.find_rounds)
 
 

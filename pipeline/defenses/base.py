@@ -25,7 +25,8 @@ class DefenseParams:
     """Base of a defense's parameters (subclass it as a dataclass)."""
 
     def validate(self, key: str) -> None:
-        """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``defense.<name>``."""
+        """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``defense.<name>``.
+        NaN and +-inf in a float field are refused after it, for every plug-in (:func:`check_finite_fields`)."""
 
 
 def check(ok: bool, key: str, message: str, value: Any) -> None:
@@ -37,6 +38,14 @@ def check(ok: bool, key: str, message: str, value: Any) -> None:
 def finite_number(value: Any) -> bool:
     """A real number as YAML gives it (int or float, not a bool), not NaN or infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_finite_fields(params: Any, key: str) -> None:
+    """``"<key>.<field>: must be a finite number, got nan"`` for the first float field of the dataclass
+    ``params`` that holds NaN or +-inf: the validation path runs it after every plug-in's own rules."""
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        check(not isinstance(value, float) or math.isfinite(value), f"{key}.{f.name}", "must be a finite number", value)
 
 
 def sort_columns(x: torch.Tensor) -> torch.Tensor:

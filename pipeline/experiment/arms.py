@@ -88,13 +88,15 @@ def make_attack(cfg: Config) -> Attack:
     return ATTACKS[cfg.attack.name](getattr(cfg.attack, cfg.attack.name), cfg.attack)
 
 
-def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> FederatedDataModule:
+def build_datamodule(cfg: Config, poison: bool, root_size: int = 0,
+                     root_key: str = "defense.fltrust.root_size") -> FederatedDataModule:
     """Prepare (download when allowed) and set up the users' data; when ``poison``, the
     malicious users' data as the configured attack leaves it (:func:`poison_users`).
 
-    ``root_size`` samples are held out as the server's root set (FLTrust).
+    ``root_size`` samples are held out as the server's root set (FLTrust), the config key ``root_key``.
     Raises ``DatasetMissingError`` when the data cannot be found, and
-    :class:`ConfigError` when the partition leaves a user too few samples.
+    :class:`ConfigError` when the partition leaves a user too few samples, naming ``root_key``
+    when the root set is the cause (:func:`check_root_set`).
     """
     u = cfg.users
     data = DATAMODULES[cfg.data.name](
@@ -104,10 +106,14 @@ def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> Federated
     data.prepare_data()
     try:
         data.setup()
-    except ValueError as err:  # the partition's one-line reason
+    except ValueError as err:  # the partition's one-line reason (or a root set larger than the data)
+        if root_size:
+            check_root_set(cfg, root_size, root_key)
         raise ConfigError(f"users.partition: {err}") from None
     fewest = min(len(i) for i in data.user_indices)
     if fewest < u.min_samples:  # the Dirichlet partition checks it itself
+        if root_size:
+            check_root_set(cfg, root_size, root_key, fewest)
         raise ConfigError(f"users.num_users: {u.num_users} users leave one with {fewest} training samples, fewer "
                           f"than users.min_samples={u.min_samples}")
     if poison:
@@ -115,6 +121,20 @@ def build_datamodule(cfg: Config, poison: bool, root_size: int = 0) -> Federated
         attack.setup(data.train_x)
         poison_users(data, attack)
     return data
+
+
+def check_root_set(cfg: Config, root_size: int, key: str, fewest: int | None = None) -> None:
+    """Called when the users' data with a root set of ``root_size`` failed (``fewest``: the fewest samples it
+    left a user, when it got that far): raise :class:`ConfigError` under ``key`` naming the dataset's number
+    of training samples when the root set is the cause. The data without a root set is built to tell:
+    its own error, when it fails too; nothing when the root set is not the cause."""
+    n = len(build_datamodule(cfg, poison=False).train_y)
+    if root_size >= n:
+        raise ConfigError(f"{key}: must be smaller than {cfg.data.name}'s {n} training samples (the root set is "
+                          f"drawn from them), got {root_size}")
+    if fewest is not None:
+        raise ConfigError(f"{key}: a root set of {root_size} of {cfg.data.name}'s {n} training samples leaves a user "
+                          f"{fewest}, fewer than users.min_samples={cfg.users.min_samples}")
 
 
 def poison_users(data: FederatedDataModule, attack: Attack) -> None:
@@ -173,7 +193,8 @@ class DataCache:
         if key not in self._built:
             if len(self._built) >= self.size:
                 del self._built[next(iter(self._built))]
-            self._built[key] = build_datamodule(cfg, poison=False, root_size=root)
+            self._built[key] = build_datamodule(cfg, poison=False, root_size=root,
+                                                root_key=f"defense.{arm_defense(arm)}.root_size")
         return self._built[key]
 
 

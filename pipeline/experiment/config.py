@@ -24,6 +24,7 @@ from pipeline.core.faults import FaultsConfig
 from pipeline.core.masking import ProtocolConfig
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
+from pipeline.defenses.base import check_finite_fields
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key in values:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where}: {_unknown_key(prefix, known)}")
     kwargs = {}
     for name in known & values.keys():
         hint, key = hints[name], f"{prefix}.{name}" if prefix else name
@@ -220,6 +221,7 @@ def validate(cfg: Config) -> Config:
     _check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
     for name in ATTACKS:
         getattr(a, name).validate(f"attack.{name}")
+        check_finite_fields(getattr(a, name), f"attack.{name}")
     ATTACKS[a.name].check_config(getattr(a, a.name), cfg, f"attack.{a.name}")
     _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
     _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
@@ -230,6 +232,7 @@ def validate(cfg: Config) -> Config:
     check_device_name(t.device, "training.device")
     for name in REGISTRY:
         getattr(df, name).validate(f"defense.{name}")
+        check_finite_fields(getattr(df, name), f"defense.{name}")
     p = cfg.protocol
     for key in ("theta_d", "theta_u"):
         _check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
@@ -316,15 +319,79 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return key.strip().split("."), value.strip()
 
 
+class DuplicateKey(Exception):
+    """A mapping of a params file gives ``key`` (dotted from the top) twice, on ``lines`` (1-based)."""
+
+    def __init__(self, key: str, lines: tuple[int, int]) -> None:
+        where = f"both on line {lines[0]}" if lines[0] == lines[1] else f"lines {lines[0]} and {lines[1]}"
+        super().__init__(f"{key}: given twice ({where})")
+        self.key, self.lines = key, lines
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping, at any level
+    (:class:`DuplicateKey`): PyYAML itself silently keeps the last one."""
+
+    def construct_document(self, node):
+        self._root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a merge key (<<) may override, by design
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    where = _node_path(getattr(self, "_root", node), node) or []
+                    raise DuplicateKey(".".join([*where, str(key)]), (seen[key], line))
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _node_path(root: yaml.Node, target: yaml.Node) -> list[str] | None:
+    """The keys (list indices as numbers) from ``root`` down to ``target``; ``None`` when it is not below ``root``."""
+    if root is target:
+        return []
+    if isinstance(root, yaml.MappingNode):
+        children = [(str(k.value) if isinstance(k, yaml.ScalarNode) else "?", v) for k, v in root.value]
+    elif isinstance(root, yaml.SequenceNode):
+        children = [(str(i), v) for i, v in enumerate(root.value)]
+    else:
+        return None
+    for name, child in children:
+        below = _node_path(child, target)
+        if below is not None:
+            return [name, *below]
+    return None
+
+
+def _load_yaml(text: str) -> tuple[bool, Any]:
+    """``(empty, value)`` of a params file's text: ``empty`` when it holds no YAML node at all (nothing but
+    comments and blank lines). Raises :class:`DuplicateKey` for a key given twice, ``yaml.YAMLError`` else."""
+    loader = ParamsLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node is None, None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides; validated."""
     values: dict[str, Any] = Config().to_dict()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a params file; name a YAML file, "
+                              "e.g. --params configs/digits.yaml")
         if not path.is_file():
             raise ConfigError(f"{path}: params file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            empty, loaded = _load_yaml(path.read_text(encoding="utf-8"))
+        except DuplicateKey as err:
+            raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -334,9 +401,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
         except OSError as err:
             raise ConfigError(f"{path}: cannot read the params file ({err.strerror})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        _merge(values, loaded or {}, "", path)
+        if empty:
+            raise ConfigError(f"{path}: the params file is empty (nothing but comments or blank lines); "
+                              "to run with the built-in defaults, omit --params (and have no ./params.yaml)")
+        if not isinstance(loaded, dict):  # a top-level explicit null (`~`) too
+            raise ConfigError(f"{path}: expected a mapping of sections, got "
+                              f"{'null' if loaded is None else type(loaded).__name__}")
+        _merge(values, loaded, "", path)
     _override(values, overrides)
     return validate(_build(Config, values, ""))
 
@@ -358,8 +429,15 @@ def _override(values: dict[str, Any], overrides: Sequence[str]) -> None:
                 raise ConfigError(f"{'.'.join(keys[:i + 1])}: unknown section (known: {', '.join(sections)})")
             node = node[key]
         if keys[-1] not in node:
-            raise ConfigError(f"{'.'.join(keys)}: unknown key (known: {', '.join(sorted(node))})")
+            raise ConfigError(f"{'.'.join(keys)}: {_unknown_key('.'.join(keys[:-1]), node)}")
         node[keys[-1]] = raw
+
+
+def _unknown_key(section: str, known) -> str:
+    """``unknown key (known: a, b)``, or ``unknown key (<section> takes no keys)`` for a section without any."""
+    if not known:
+        return f"unknown key ({section} takes no keys)"
+    return f"unknown key (known: {', '.join(sorted(known))})"
 
 
 def _merge(base: dict, update: dict, prefix: str, path: Path) -> None:
@@ -367,7 +445,7 @@ def _merge(base: dict, update: dict, prefix: str, path: Path) -> None:
     (a file written for another version of auror, or a typo)."""
     for key, value in update.items():
         if key not in base:
-            raise ConfigError(f"{path}: {prefix}{key}: unknown key (known: {', '.join(sorted(base))}); "
+            raise ConfigError(f"{path}: {prefix}{key}: {_unknown_key(prefix.rstrip('.'), base)}; "
                               "was the file written by another version of auror?")
         if isinstance(base[key], dict):
             if value is not None and not isinstance(value, dict):  # an empty section reads as None

@@ -20,6 +20,7 @@ random stream derives from (seed, round, user).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
@@ -34,6 +35,7 @@ import yaml
 
 from pipeline.core.checkpoint import Checkpoint, write_atomic
 from pipeline.experiment.config import Config, ConfigError, load_config
+from pipeline.experiment.grid import cell_key
 from pipeline.experiment.tracking import absolute_uri, run_name, run_tags
 
 VERSION = 1
@@ -122,7 +124,8 @@ class Invocation:
         self._write()
 
     def checkpoint(self, seed: int, arm: str) -> Checkpoint:
-        return Checkpoint(self.folder / f"seed{seed}-{arm}.pt")
+        """The arm's checkpoint, bound to the key of its resolved config (another config's is refused)."""
+        return Checkpoint(self.folder / f"seed{seed}-{arm}.pt", cell_key(dataclasses.replace(self.cfg, seed=seed), arm))
 
     def finished(self, seed: int, arm: str) -> dict[str, Any] | None:
         """``{"metrics", "history", "detection"}`` of a finished arm, else ``None``."""
@@ -154,11 +157,12 @@ def open_invocation(ref: str, cfg: Config) -> Invocation:
     if relative and Path(record["cwd"]).resolve() != Path.cwd().resolve():
         raise ConfigError(f"--resume {ref}: run it from {record['cwd']}, where the interrupted run started "
                           "(its tracking and report paths are relative to that folder)")
-    for seed in record["seeds"]:  # an unreadable checkpoint fails here, before any MLflow run is reopened
+    invocation = Invocation(folder, record, resumed)
+    for seed in record["seeds"]:  # a checkpoint that does not prove itself fails here, before any run is reopened
         for arm in record["arms"]:
-            if f"{seed}/{arm}" not in record["finished"]:
-                Checkpoint(folder / f"seed{seed}-{arm}.pt").load()
-    return Invocation(folder, record, resumed)
+            if invocation.finished(seed, arm) is None:
+                invocation.checkpoint(seed, arm).load()
+    return invocation
 
 
 def _load_record(folder: Path) -> dict:
