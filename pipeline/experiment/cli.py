@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
 from pipeline.core.errors import CellsFailed
-from pipeline.experiment.config import MAX_SEED, ConfigError, check_name, load_config
-from pipeline.experiment.storage import database_url
+from pipeline.experiment.config import MAX_SEED, ConfigError, check_name, check_output_folders, load_config
+from pipeline.experiment.storage import STUDY_STORAGE, SWEEP_STORAGE, database_url, hide_password, scrub
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -292,12 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv[1:]
+        # a tracking server that stops answering mid-run: an error in seconds, not after MLflow's minutes of retries
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+            os.environ.setdefault(name, value)
         # every line out at once, also into a file or a pipe: a run killed early still shows its --resume id
         sys.stdout.reconfigure(line_buffering=True)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
         if hasattr(args, "params"):  # parsed and validated once, here; a resumed run reads its own
             args.params = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
             args.cfg = load_config(args.params, [] if getattr(args, "resume", None) else args.set)
+            check_output_folders(args.cfg)
         bad_seeds = [s for s in getattr(args, "seeds", None) or [] if not 0 <= s <= MAX_SEED]
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
@@ -310,11 +316,44 @@ def main(argv: list[str] | None = None) -> int:
     except CellsFailed as err:
         print(f"auror: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a server lost mid-run is one line and exit 3; anything else is a bug: its traceback
+        lost = lost_server(err, args)
+        if lost is None:
+            raise
+        server, url, cause = lost
+        resume_id = getattr(err, "resume_id", None)  # set by run_experiment on the way out
+        again = f"auror run --resume {resume_id}" if resume_id else "the same command"
+        reason = scrub((str(cause).strip().splitlines() or [type(cause).__name__])[0][:160], url)
+        print(f"auror: error: lost the connection to {server} {hide_password(url)} ({reason}); what finished is "
+              f"recorded: run {again} to continue once it is back", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as err:
         resume_id = getattr(err, "resume_id", None)  # pipeline.experiment.resume.RunInterrupted
         print("auror: interrupted" + (f"; the finished rounds are saved, continue with: auror run --resume "
                                       f"{resume_id}" if resume_id else ""), file=sys.stderr)
         return 130
+
+
+def lost_server(err: BaseException, args: argparse.Namespace) -> tuple[str, str, BaseException] | None:
+    """``(what, url, the error that says so)`` of the server that ``err`` (or an error it came from) lost the
+    connection to: the storage of cells or trials (a database error) or the MLflow tracking server (a
+    request that failed); ``None`` for any other error."""
+    sa, requests, mlflow = (sys.modules.get(name) for name in ("sqlalchemy", "requests", "mlflow"))
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    tracking = args.cfg.tracking.tracking_uri if getattr(args, "cfg", None) else ""
+    for e in chain:
+        if sa is not None and isinstance(e, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            if args.command in ("compare", "sweep", "report", "tune"):
+                return "the storage", getattr(args, "storage", None) or (
+                    STUDY_STORAGE if args.command == "tune" else SWEEP_STORAGE), e
+            return "the tracking store", tracking, e
+        if (requests is not None and isinstance(e, requests.exceptions.RequestException)) or (
+                mlflow is not None and isinstance(e, mlflow.exceptions.MlflowException) and "API request" in str(e)):
+            return "the MLflow tracking server", tracking, e
+    return None
 
 
 if __name__ == "__main__":

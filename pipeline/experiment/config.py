@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,19 @@ def _validate_faults(cfg: Config) -> None:
 def _positive(value: float) -> bool:
     """A finite number > 0 (NaN and inf are not)."""
     return 0 < value < float("inf")
+
+
+def check_output_folders(cfg: Config) -> None:
+    """``tracking.reports_dir`` and ``tracking.artifact_dir`` (the checkpoints go beside it) are folders this
+    process can write, or can be made: refused in one line before any work, nothing created."""
+    keys = ["reports_dir"] + ([] if cfg.tracking.tracking_uri.startswith(("http://", "https://")) else ["artifact_dir"])
+    for key in keys:
+        path = Path(getattr(cfg.tracking, key))
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"tracking.{key}: {existing} is a file, not a folder, got {str(path)!r}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"tracking.{key}: {existing} is not writable by this user, got {str(path)!r}")
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -66,6 +66,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class Sweep:
     """One sweep's cells in one database."""
 
@@ -110,6 +120,18 @@ class Sweep:
             if won:
                 return key
             # another worker claimed it between the two statements: look again
+
+    def release_dead_local(self, keys: list[str]) -> None:
+        """Give back, to do, the running cells of ``keys`` whose worker ran on this machine and is gone (killed,
+        or stopped by an outage of this storage): a rerun takes them at once, not after the grace period."""
+        host = socket.gethostname()
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(CELLS.c.key, CELLS.c.worker).where(self._where(
+                CELLS.c.state == "running", CELLS.c.key.in_(keys), CELLS.c.worker.like(f"{host}:%")))).all()
+            dead = [key for key, worker in rows if not _alive(int(worker.rsplit(":", 1)[1]))]
+            if dead:
+                conn.execute(CELLS.update().where(self._where(CELLS.c.state == "running", CELLS.c.key.in_(dead)))
+                             .values(state="todo"))
 
     def beat(self, key: str, worker: str) -> None:
         with self.engine.begin() as conn:
@@ -185,6 +207,7 @@ def work(sweep: Sweep, cells: list[Cell], run_cell: Callable[[Cell], dict],
     by_key = {c.key: c for c in cells}
     sweep.add(cells)
     keys = list(by_key)
+    sweep.release_dead_local(keys)
     ran = 0
     waiting_shown = False
     while True:

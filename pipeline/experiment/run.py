@@ -70,6 +70,10 @@ def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = Tr
         if invocation is None or isinstance(err, RunInterrupted):
             raise
         raise RunInterrupted(invocation.id) from None
+    except Exception as err:  # a lost server, say: the CLI names the resume command
+        if invocation is not None and invocation.cell is None:
+            err.resume_id = invocation.id
+        raise
     final = average(per_seed)
     reports = Path(cfg.tracking.reports_dir)
     reports.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards n_tri
 
 def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
     """Optuna logs a trial stopped by Ctrl-C with the traceback of wherever it was: keep its one-line
-    "trial failed" message, drop the traceback (the interrupt is the user's, not an error)."""
-    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+    "trial failed" message, drop the traceback (the interrupt is the user's, not an error). A trial
+    stopped by a lost storage is not logged at all: the command says it in one line (exit 3)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        return False
+    if isinstance(error, KeyboardInterrupt):
         record.exc_info = record.exc_text = None
     return True
 
