@@ -130,11 +130,11 @@ def test_partial_uploads_are_refused_only_for_defenses_that_need_whole_updates()
 
 # --- config files that mean what they say --------------------------------------------------------------------------
 
-def test_shipped_params_files_load_with_the_duplicate_refusing_loader():
-    from pipeline.experiment.config import ParamsLoader
+def test_shipped_params_files_load_with_the_duplicate_refusing_reader():
+    from pipeline.experiment.config import _read_yaml
 
     for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
-        assert yaml.load(path.read_text(), Loader=ParamsLoader) == yaml.safe_load(path.read_text()), path.name
+        assert _read_yaml(path.read_text()) == (False, yaml.safe_load(path.read_text())), path.name
 
 
 @pytest.mark.parametrize("text, message", [
@@ -154,7 +154,7 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, text, m
 
 
 def test_one_key_in_several_sections_and_a_merge_key_are_not_duplicates(tmp_path):
-    from pipeline.experiment.config import ParamsLoader
+    from pipeline.experiment.config import _read_yaml
 
     path = tmp_path / "params.yaml"
     path.write_text("attack: {poisoned_fraction: 0.5, backdoor: {poisoned_fraction: 0.5},\n"
@@ -162,7 +162,7 @@ def test_one_key_in_several_sections_and_a_merge_key_are_not_duplicates(tmp_path
                     "defense: {auror: {window_rounds: 3}, auror_noniid: {window_rounds: 3}}\n")
     cfg = load_config(path)
     assert cfg.attack.backdoor.poisoned_fraction == 0.5 and cfg.attack.alie.poisoned_fraction == 0.4
-    assert yaml.load("a: &a {x: 1}\nb:\n  <<: *a\n  x: 2\n", Loader=ParamsLoader) == {"a": {"x": 1}, "b": {"x": 2}}
+    assert _read_yaml("a: &a {x: 1}\nb:\n  <<: *a\n  x: 2\n") == (False, {"a": {"x": 1}, "b": {"x": 2}})
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# nothing here\n", "# users:\n#   num_users: 20\n\n"])

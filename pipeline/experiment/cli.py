@@ -22,8 +22,8 @@ DEFAULT_PARAMS = "params.yaml"
 def where_runs_are(tracking_uri: str) -> str:
     """How to look at the runs: the server's address, or the ``mlflow ui`` command for a local store."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri} (the MLflow tracking server)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+        return f"{hide_password(tracking_uri)} (the MLflow tracking server)"
+    return f"mlflow ui --backend-store-uri {hide_password(tracking_uri)}"
 
 
 def format_table(results: dict[str, dict[str, float | None]]) -> str:
@@ -77,7 +77,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = run_study(StudySpec(cfg, args.kind, args.defense, args.n_trials, args.storage, args.study_name,
                                  args.max_malicious_fraction))
     study = result.study
-    print(f"\nstudy {study.study_name}: {len(study.trials)} trials in {result.storage}")
+    print(f"\nstudy {study.study_name}: {len(study.trials)} trials in {hide_password(result.storage)}")
     if result.best_params_path is not None:
         best = study.best_trial
         print(f"best: trial {best.number}, objective {best.value:.4f}")

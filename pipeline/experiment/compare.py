@@ -36,6 +36,7 @@ from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, par
 from pipeline.experiment.queue import Sweep, run_cells  # noqa: E402
 from pipeline.experiment.storage import SWEEP_STORAGE  # noqa: E402
 from pipeline.experiment.store import ResultsStore, check_report, report_config  # noqa: E402
+from pipeline.experiment.tracking import check_tracking_server  # noqa: E402
 
 log = logging.getLogger("auror")
 
@@ -79,6 +80,8 @@ class Grid:
         recorded = self.recorded()
         todo = {c.key: c for group, cells in self.cells.items() for c in cells if c.key not in recorded[group]}
         sweep = Sweep(storage or SWEEP_STORAGE, sweep_name)
+        if track and self.base.tracking.tracking_uri.startswith(("http://", "https://")):  # once, before any cell
+            check_tracking_server(self.base.tracking.tracking_uri, self.base.tracking.experiment)
         log.info("%s: %d cells to run (%d recorded; cells that share a run counted once); results in %s", sweep_name,
                  len(todo), sum(len(r) for r in recorded.values()), self.store.root)
 

@@ -333,63 +333,39 @@ def parse_override(text: str) -> tuple[list[str], str]:
     return key.strip().split("."), value.strip()
 
 
-class DuplicateKey(Exception):
-    """A mapping of a params file gives ``key`` (dotted from the top) twice, on ``lines`` (1-based)."""
-
-    def __init__(self, key: str, lines: tuple[int, int]) -> None:
-        where = f"both on line {lines[0]}" if lines[0] == lines[1] else f"lines {lines[0]} and {lines[1]}"
-        super().__init__(f"{key}: given twice ({where})")
-        self.key, self.lines = key, lines
-
-
-class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping, at any level
-    (:class:`DuplicateKey`): PyYAML itself silently keeps the last one."""
-
-    def construct_document(self, node):
-        self._root = node
-        return super().construct_document(node)
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # a merge key (<<) may override, by design
-                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-                if key in seen:
-                    where = _node_path(getattr(self, "_root", node), node) or []
-                    raise DuplicateKey(".".join([*where, str(key)]), (seen[key], line))
-                seen[key] = line
-        return super().construct_mapping(node, deep)
+def _read_yaml(text: str) -> tuple[bool, Any]:
+    """``(empty, value)`` of a params file's text (``empty``: no YAML node at all, nothing but comments and
+    blank lines). Raises ``yaml.YAMLError``, or :class:`ConfigError` for a key given twice in a mapping,
+    which PyYAML silently resolves by keeping the last."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return True, None
+    repeated = _repeated_key(node)
+    if repeated:
+        key, first, second = repeated
+        raise ConfigError(f"{key}: given twice " + (f"(both on line {first})" if first == second
+                                                     else f"(lines {first} and {second})"))
+    return False, yaml.SafeLoader(text).get_single_data()
 
 
-def _node_path(root: yaml.Node, target: yaml.Node) -> list[str] | None:
-    """The keys (list indices as numbers) from ``root`` down to ``target``; ``None`` when it is not below ``root``."""
-    if root is target:
-        return []
-    if isinstance(root, yaml.MappingNode):
-        children = [(str(k.value) if isinstance(k, yaml.ScalarNode) else "?", v) for k, v in root.value]
-    elif isinstance(root, yaml.SequenceNode):
-        children = [(str(i), v) for i, v in enumerate(root.value)]
-    else:
-        return None
+def _repeated_key(node: yaml.Node, path: tuple[str, ...] = ()) -> tuple[str, int, int] | None:
+    """``(dotted key, first line, second line)`` of the first key given twice in a mapping below ``node``
+    (a merge key ``<<`` may override, by design)."""
+    children = [(str(i), v) for i, v in enumerate(node.value)] if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    return ".".join([*path, key.value]), seen[key.value], line
+                seen[key.value] = line
+            children.append((str(getattr(key, "value", "?")), value))
     for name, child in children:
-        below = _node_path(child, target)
-        if below is not None:
-            return [name, *below]
+        found = _repeated_key(child, (*path, name))
+        if found:
+            return found
     return None
-
-
-def _load_yaml(text: str) -> tuple[bool, Any]:
-    """``(empty, value)`` of a params file's text: ``empty`` when it holds no YAML node at all (nothing but
-    comments and blank lines). Raises :class:`DuplicateKey` for a key given twice, ``yaml.YAMLError`` else."""
-    loader = ParamsLoader(text)
-    try:
-        node = loader.get_single_node()
-        return node is None, None if node is None else loader.construct_document(node)
-    finally:
-        loader.dispose()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -403,8 +379,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"{path}: params file not found")
         try:
-            empty, loaded = _load_yaml(path.read_text(encoding="utf-8"))
-        except DuplicateKey as err:
+            empty, loaded = _read_yaml(path.read_text(encoding="utf-8"))
+        except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)

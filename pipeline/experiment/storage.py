@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import re
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -18,46 +19,73 @@ SWEEP_STORAGE = "sqlite:///mlruns/sweeps.db"  # the cells of `auror compare` / `
 STUDY_STORAGE = "sqlite:///mlruns/optuna.db"  # the trials of `auror tune`
 HEARTBEAT_S = 10  # a running cell's or trial's worker refreshes its heartbeat this often ...
 GRACE_PERIOD_S = 45  # ... and is presumed dead when the last one is older than this
+# ``scheme://user:password@``: what a message must not show, also in a string no parser accepts
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*@")
+
+
+def hide_password(url: str) -> str:
+    """``url`` as a message may show it: its password, if any, as ``***`` (SQLAlchemy's
+    ``render_as_string(hide_password=True)``); a URL without a password unchanged."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        parsed = None
+    if parsed is not None and parsed.password is not None:
+        return parsed.render_as_string(hide_password=True)
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error about ``url``) with ``url``'s password and any URL's password as ``***``."""
+    with contextlib.suppress(sa.exc.ArgumentError, ValueError):
+        password = sa.engine.make_url(url).password
+        if password:
+            text = text.replace(str(password), "***")
+    return _PASSWORD_IN_URL.sub(r"\1***@", text.replace(url, hide_password(url)))
 
 
 def database_url(url: str, option: str) -> str:
     """The SQLAlchemy URL for ``url``, or a one-line :class:`ConfigError`: ``postgresql://`` needs a
     database name and psycopg 3 (the ``postgres`` extra); ``sqlite:///`` needs a file whose folder
-    exists or can be made (it is made)."""
+    exists or can be made (it is made). A message shows the URL's password as ``***``."""
+    shown = hide_password(url)
     try:
         parsed = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as err:
-        raise ConfigError(f"{option}: {EXPECTED}, got {url!r} (not a valid URL: {err})") from None
+        raise ConfigError(f"{option}: {EXPECTED}, got {shown!r} (not a valid URL: {scrub(str(err), url)})") from None
     backend = parsed.get_backend_name()
     if backend == "postgresql" and url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
         if not parsed.database:
-            raise ConfigError(f"{option}: {EXPECTED}: the database name is missing, got {url!r}")
+            raise ConfigError(f"{option}: {EXPECTED}: the database name is missing, got {shown!r}")
         if importlib.util.find_spec("psycopg") is None:
             raise ConfigError(f"{option}: {url.split(':')[0]} needs the PostgreSQL driver: {POSTGRES_EXTRA}")
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if backend == "sqlite" and url.startswith("sqlite:///"):
         database = parsed.database or ""
         if database in ("", ":memory:"):
-            raise ConfigError(f"{option}: {EXPECTED}: the file is missing, got {url!r}")
+            raise ConfigError(f"{option}: {EXPECTED}: the file is missing, got {shown!r}")
         path = Path(database)
         if path.is_dir():
             raise ConfigError(f"{option}: {path} is a folder; name a file in it, e.g. sqlite:///{path / 'db.sqlite'}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"{option}: cannot make the folder {path.parent} for {url!r} ({err.strerror})") from None
+            raise ConfigError(f"{option}: cannot make the folder {path.parent} for {shown!r} "
+                              f"({err.strerror})") from None
         return url
-    raise ConfigError(f"{option}: {EXPECTED}, got {url!r}")
+    raise ConfigError(f"{option}: {EXPECTED}, got {shown!r}")
 
 
 def open_engine(url: str, option: str) -> sa.engine.Engine:
-    """An engine on a checked URL; connection errors (no server, wrong password) in one line."""
+    """An engine on a checked URL; connection errors (no server, wrong or missing password) in one line,
+    without the password."""
     engine = sa.create_engine(database_url(url, option), pool_pre_ping=True)
     try:
         with engine.connect():
             pass
     except sa.exc.SQLAlchemyError as err:
-        raise ConfigError(f"{option}: cannot open {url!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{option}: cannot open {hide_password(url)!r}: "
+                          f"{scrub(str(err).splitlines()[0], url)}") from None
     return engine
 
 

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.experiment import storage
 from pipeline.experiment.config import Config, ConfigError, first_difference
-from pipeline.experiment.storage import HEARTBEAT_S, database_url, store_lock
+from pipeline.experiment.storage import HEARTBEAT_S, database_url, hide_password, scrub, store_lock
 
 log = logging.getLogger("auror")
 
@@ -66,8 +66,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         except sqlalchemy.exc.IntegrityError:  # PostgreSQL: another worker created Optuna's tables at the
             time.sleep(1 + attempt)  # same moment (no lock for a server); they exist now: open them
         except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
-            raise ConfigError(f"--storage: cannot open {url!r}: {str(err).splitlines()[0]}") from None
-    raise ConfigError(f"--storage: cannot open {url!r}: its tables are still being created by another worker")
+            raise ConfigError(f"--storage: cannot open {hide_password(url)!r}: "
+                              f"{scrub(str(err).splitlines()[0], url)}") from None
+    raise ConfigError(f"--storage: cannot open {hide_password(url)!r}: its tables are still being created by "
+                      "another worker")
 
 
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -72,7 +72,8 @@ from pipeline.experiment.objectives import TrialReporter, max_malicious_users, o
 from pipeline.experiment.storage import STUDY_STORAGE
 from pipeline.experiment.studies import (SurplusTrial, claimed_before, count_finished, fail_running, fail_stale_trials,
                                          open_storage, open_study, run_trials, study_setting)
-from pipeline.experiment.tracking import MlflowRoundLogger, ProgressLogger, run_tags, setup_mlflow
+from pipeline.experiment.tracking import (MlflowRoundLogger, ProgressLogger, check_tracking_server, run_tags,
+                                         setup_mlflow)
 from pipeline.experiment.trials import log_study_plots, write_best_params, write_trials
 
 log = logging.getLogger("auror")
@@ -228,6 +229,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     """
     base = spec.cfg
     name, budget = validate_spec(spec, base)
+    if base.tracking.tracking_uri.startswith(("http://", "https://")):  # before the study is opened or made
+        check_tracking_server(base.tracking.tracking_uri, base.tracking.experiment)
     storage = open_storage(spec.storage or STUDY_STORAGE)
     study = open_study(storage, name, study_setting(spec.kind, spec.defense, base, budget), base.seed)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
