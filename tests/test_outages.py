@@ -57,17 +57,20 @@ def assert_one_line(err: str, start: str) -> None:
                 or "WARNING" in line], err
 
 
-@pytest.mark.parametrize("command", ["sweep", "tune"])
+@pytest.mark.parametrize("command", ["sweep", "compare", "tune"])
 def test_postgresql_stopped_mid_run_is_one_line_exit_3_and_the_rerun_loses_nothing(command, tmp_path):
     with postgres_server(tmp_path / "pg") as pg:
         env = {**os.environ, **pg.env()}
-        args = (["sweep", "--grid", "users.malicious_fraction=0.2,0.4", "--arms", "attack", "--no-track",
-                 "--sweep-name", "outage"] if command == "sweep" else
-                ["tune", "--n-trials", "3", "--study-name", "outage"])
+        args = {"sweep": ["sweep", "--grid", "users.malicious_fraction=0.2,0.4", "--arms", "attack", "--no-track",
+                          "--sweep-name", "outage"],
+                "compare": ["compare", "--arms", "attack", "--attacks", "backdoor", "--no-track", "--sweep-name",
+                            "outage"],  # backdoor: two settings, two cells
+                "tune": ["tune", "--n-trials", "3", "--study-name", "outage"]}[command]
         args += ["--storage", pg.url, *SETS, "--set", f"tracking.reports_dir={tmp_path}/reports"]
         proc = auror(args, tmp_path, env)
-        wait_for(proc, "== cell outage" if command == "sweep" else "[trial 0] round 12/12")
-        wait_for(proc, "== cell outage" if command == "sweep" else "[trial 1] round 10/12")  # the first is recorded
+        cells = command != "tune"
+        wait_for(proc, "== cell outage" if cells else "[trial 0] round 12/12")
+        wait_for(proc, "== cell outage" if cells else "[trial 1] round 10/12")  # the first is recorded
         pg_ctl(tmp_path / "pg", pg.port, "stop")
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 3, err
@@ -81,7 +84,7 @@ def test_postgresql_stopped_mid_run_is_one_line_exit_3_and_the_rerun_loses_nothi
         import psycopg
 
         with psycopg.connect(pg.url, password=pg.password) as conn:
-            if command == "sweep":  # both cells done; the one recorded before the outage never ran again
+            if cells:  # both cells done; the one recorded before the outage never ran again
                 rows = conn.execute("SELECT state, attempts FROM auror_cells WHERE sweep = 'outage' "
                                     "ORDER BY attempts").fetchall()
                 assert rows == [("done", 1), ("done", 2)]
