@@ -337,15 +337,19 @@ def _read_yaml(text: str) -> tuple[bool, Any]:
     """``(empty, value)`` of a params file's text (``empty``: no YAML node at all, nothing but comments and
     blank lines). Raises ``yaml.YAMLError``, or :class:`ConfigError` for a key given twice in a mapping,
     which PyYAML silently resolves by keeping the last."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is None:
-        return True, None
-    repeated = _repeated_key(node)
-    if repeated:
-        key, first, second = repeated
-        raise ConfigError(f"{key}: given twice " + (f"(both on line {first})" if first == second
-                                                     else f"(lines {first} and {second})"))
-    return False, yaml.SafeLoader(text).get_single_data()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return True, None
+        repeated = _repeated_key(node)
+        if repeated:
+            key, first, second = repeated
+            raise ConfigError(f"{key}: given twice " + (f"(both on line {first})" if first == second
+                                                         else f"(lines {first} and {second})"))
+        return False, loader.construct_document(node)  # the composed node, not the text parsed again
+    finally:
+        loader.dispose()
 
 
 def _repeated_key(node: yaml.Node, path: tuple[str, ...] = ()) -> tuple[str, int, int] | None:

@@ -17,7 +17,7 @@ from pipeline.core.metrics import accuracy_drop  # noqa: E402
 from pipeline.experiment.config import Config, ConfigError  # noqa: E402
 from pipeline.experiment.store import check_report, report_config  # noqa: E402
 
-ARMS = ("benign", "attack", "auror")  # the paper's: M_B, M_P, M_A
+PAPER_ARMS = ("benign", "attack", "auror")  # the paper's: M_B, M_P, M_A
 
 # The paper's Tables 5 (MNIST, by malicious users) and 6 (GTSRB, by malicious data).
 PAPER = {
@@ -153,12 +153,12 @@ def run_report(base: Config, seeds: list[int] | None, command: str, from_dir: st
     from pipeline.experiment.grid import Setting as Column
 
     seeds = seeds or [base.seed]
-    grid = Grid(base, {"paper": [Column(s.label, tuple(s.overrides)) for s in settings]}, seeds, list(ARMS),
+    grid = Grid(base, {"paper": [Column(s.label, tuple(s.overrides)) for s in settings]}, seeds, list(PAPER_ARMS),
                 reports / name, reports / name)
     grid.check_report("set tracking.reports_dir to write it elsewhere")
     grid.run(None, f"report-{name}", track=True)
     table = summarise(grid.cells["paper"], grid.recorded()["paper"], seeds)
-    return write_report([(s, {arm: table[arm][s.label] for arm in ARMS}) for s in settings], base, command, seeds)
+    return write_report([(s, {arm: table[arm][s.label] for arm in PAPER_ARMS}) for s in settings], base, command, seeds)
 
 
 def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, seeds: list[int] | None) -> Path:
