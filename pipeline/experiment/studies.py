@@ -39,6 +39,10 @@ def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_ctrl_c)
+# Optuna's storage warns of a failed query before it retries it: a lost storage is the command's one line, not a
+# warning per try (its fallback for too many IN variables goes unsaid too)
+logging.getLogger("optuna.storages._rdb.storage").addFilter(
+    lambda record: not record.getMessage().startswith("Caught an error from sqlalchemy"))
 
 
 def study_setting(kind: str, defense: str, cfg: Config, budget: float) -> dict:
