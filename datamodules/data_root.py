@@ -63,7 +63,7 @@ class DatasetMissingError(RuntimeError):
         self.dataset, self.folder = dataset, Path(folder)
         super().__init__(
             f"{dataset} not found under {folder} {reason}: set data.root or {DATA_DIR_ENV} to a folder "
-            "holding it in torchvision's layout (see README), or run once with data.download=true and internet access"
+            "holding it in torchvision's layout (see docs/configuration.md), or run once with data.download=true and internet access"
         )
 
 

@@ -219,17 +219,17 @@ def test_the_cli_lists_attacks_and_runs_one(tmp_path, capsys):
     assert all("ipm-" in r.info.run_name for r in runs)
 
 
-def test_the_readme_example_attack_runs(monkeypatch):
+def test_the_docs_example_attack_runs(monkeypatch):
     import re
 
     import pipeline.attacks as attacks
 
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Adding an attack"):]
+    text = (ROOT / "docs" / "extending.md").read_text()
+    section = text[text.index("## Adding an attack"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.setattr(attacks, "REGISTRY", dict(attacks.REGISTRY))  # the example registers into a copy
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/extending.md", "exec"), namespace)
     cls = attacks.REGISTRY["sign_flip"]
     attack = cls(cls.Params(scale=2.0), load_config(None, []).attack)
     own = torch.randn(2, 5)

@@ -44,6 +44,27 @@ def run(name, updates, **params):
     return defense.aggregate(Uploads(1, torch.arange(len(updates)), updates))
 
 
+def test_the_docs_example_defense_runs(monkeypatch):
+    """docs/extending.md's `norm_filter`: registered, it leaves out the `drop` largest updates and averages the rest."""
+    import re
+    from pathlib import Path
+
+    import pipeline.defenses as defenses
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    section = text[text.index("## Adding a defense"):text.index("## Adding an attack")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(defenses, "REGISTRY", dict(defenses.REGISTRY))  # the example registers into a copy
+    exec(compile(code, "docs/extending.md", "exec"), {})
+    cls = defenses.REGISTRY["norm_filter"]
+    updates = torch.tensor([[1.0, 0.0], [0.0, 2.0], [30.0, 0.0], [0.0, -40.0], [NAN, 1.0]])
+    out = cls(cls.Params(drop=2), ServerInputs(layout=())).aggregate(Uploads(1, torch.arange(5), updates))
+    assert out.weights.tolist() == [0.5, 0.5, 0.0, 0.0, 0.0]  # the two largest and the partial row left out
+    assert_close(out.step, torch.tensor([0.5, 1.0]))
+    with pytest.raises(ConfigError, match="^defense.norm_filter.drop: must be >= 0"):
+        cls.Params(drop=-1).validate("defense.norm_filter")
+
+
 # --- byzfl references (Krum / MultiKrum on float64 numpy: exact distances; Median / TrMean on torch) -----------
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,9 @@ class TrackingConfig:
 
 @dataclass
 class Config:
+    """An experiment's whole configuration, one section per concern (``params.yaml`` mirrors it); build it
+    with :func:`load_config` (validated), never by hand."""
+
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
