@@ -69,3 +69,9 @@ def test_sweep_benchmark_runs_one_and_two_workers(capsys):
     assert [(r["workers"], r["cells"]) for r in results] == [(1, 2), (2, 2)]  # every cell once in each sweep
     assert all(0 < r["share"] < 1 for r in results)
     assert "cells per hour, 2 workers over 1" in capsys.readouterr().out
+
+
+def test_startup_benchmark_runs(capsys):
+    times = load("bench_startup").main(["--repeats", "1"])
+    assert set(times) >= {'python -c "import torch"', "auror defenses", "auror run --arms bogus"}
+    assert "x the torch import" in capsys.readouterr().out

@@ -89,6 +89,13 @@ def test_only_the_report_stages_read_the_report_params():
 def project_modules_imported_by(module: str) -> set[str]:
     """Files of the project's packages that importing ``module`` loads (in a fresh interpreter)."""
     code = (f"import sys, {module}\n"
+            "from pipeline.lazy import OnFirstUse\n"
+            "for _ in range(3):  # and what they import on first use (pipeline.lazy), and what that imports\n"
+            "    for m in list(sys.modules.values()):\n"
+            "        if (getattr(m, '__name__', '') or '').startswith(('pipeline', 'datamodules', 'lightning_modules')):\n"
+            "            for v in list(vars(m).values()):\n"
+            "                if isinstance(v, OnFirstUse):\n"
+            "                    getattr(v, '__name__', None)\n"
             "for m in list(sys.modules.values()):\n"
             "    f = getattr(m, '__file__', None) or ''\n"
             "    print(f)\n")

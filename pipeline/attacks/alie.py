@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.backdoor import Backdoor, BackdoorParams

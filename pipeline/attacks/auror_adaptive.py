@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.base import AttackParams, RoundUpdates, check, finite_number, honest_spread

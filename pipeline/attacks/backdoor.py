@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.base import BACKDOOR, Attack, AttackParams, Poisoned, Predict, UserData, check

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.base import ACCURACY_DROP, Attack, AttackParams, RoundUpdates, check, everyone_uploads, \

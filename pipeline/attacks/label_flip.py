@@ -6,7 +6,7 @@ and uploads its update multiplied by ``attack.boost``."""
 from __future__ import annotations
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from datamodules.users import poison_targeted
 from pipeline.attacks import register

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.attacks import register
 from pipeline.attacks.backdoor import Backdoor, BackdoorParams

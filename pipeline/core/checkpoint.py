@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NoReturn
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.errors import ConfigError
 

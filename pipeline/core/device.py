@@ -6,7 +6,7 @@ import os
 import re
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.errors import ConfigError
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+from pipeline.lazy import torch
 
 @dataclass
 class FaultsConfig:

@@ -16,6 +16,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
+from pipeline.attacks.base import RoundUpdates
 from pipeline.core.checkpoint import Checkpoint, CheckpointError
 from pipeline.core.device import seeded_generator
 from pipeline.core.faults import FAULT_STREAM, FaultsConfig, faulty_this_round, inject_faults, screen_uploads
@@ -38,16 +39,6 @@ class ServerRule(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass(frozen=True)
-class RoundUpdates:
-    """What an attack's update side sees in one round (before the upload)."""
-
-    round: int
-    own: torch.Tensor  # (attackers, P): the malicious users' updates after local training (and the boost)
-    honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
-    num_users: int  # every user of the round, honest and malicious
 
 
 class ClientAttack(Protocol):

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+from pipeline.lazy import torch
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from pipeline.lazy import torch
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from pipeline.lazy import torch
 
 
 @dataclass(frozen=True)

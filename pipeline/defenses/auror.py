@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, Uploads, present_rows

@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, ParameterSlice, Uploads, complete_rows

@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from sklearn.cluster import KMeans
+from pipeline.lazy import torch
 
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, ParameterSlice, Uploads, present_rows
@@ -49,6 +48,8 @@ def indicative_features(features: torch.Tensor, alpha: float) -> torch.Tensor:
 def majority_cluster(values: np.ndarray) -> np.ndarray:
     """Bool (users,): the larger of the two k-means clusters of the rows of ``values`` (FLPoison's vote; a tie
     keeps cluster 0, as FLPoison's ``1 if sum(labels) > n/2 else 0``)."""
+    from sklearn.cluster import KMeans  # here, not at the top: scikit-learn's import costs a second at start-up
+
     labels = KMeans(n_clusters=2, random_state=0, n_init=10).fit(values).labels_
     benign = 1 if labels.sum() > len(labels) / 2 else 0
     return labels == benign

@@ -14,7 +14,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.server import Aggregate, ServerInputs, Uploads

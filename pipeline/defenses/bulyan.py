@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads, complete_rows
 from pipeline.defenses import register

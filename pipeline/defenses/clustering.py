@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-import torch
+from pipeline.lazy import torch
 
 
 class TwoMeans(NamedTuple):

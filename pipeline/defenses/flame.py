@@ -34,8 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from sklearn.cluster import HDBSCAN
+from pipeline.lazy import torch
 
 from pipeline.core.device import seeded_generator
 from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
@@ -56,6 +55,8 @@ def cosine_distances(updates: torch.Tensor) -> torch.Tensor:
 def majority_cluster(distances: torch.Tensor) -> torch.Tensor:
     """The users (bool (n,)) HDBSCAN puts in the largest cluster of the distances (n, n)."""
     n = len(distances)
+    from sklearn.cluster import HDBSCAN  # here, not at the top: scikit-learn's import costs a second at start-up
+
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
                      allow_single_cluster=True, copy=True).fit(distances.cpu().numpy()).labels_
     clustered = labels[labels >= 0]

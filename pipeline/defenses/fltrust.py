@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, ServerInputs, Uploads, complete_rows
 from pipeline.defenses import register

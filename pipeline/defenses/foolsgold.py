@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mean
 from pipeline.defenses import register

@@ -10,7 +10,7 @@ median, without that function's size limit.
 
 from __future__ import annotations
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads
 from pipeline.defenses import register

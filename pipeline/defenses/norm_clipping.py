@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, Uploads, present_rows

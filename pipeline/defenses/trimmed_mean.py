@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads
 from pipeline.defenses import register

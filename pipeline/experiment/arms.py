@@ -18,24 +18,26 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-
-from datamodules.digits import DigitsDataModule
-from datamodules.federated import FederatedDataModule
-from datamodules.gtsrb import GTSRBDataModule
-from datamodules.mnist import MNISTDataModule
-from lightning_modules.cnn import CNNClassifier
-from lightning_modules.mlp import MLPClassifier
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.attacks.base import Attack, UserData
-from pipeline.core.checkpoint import Checkpoint
 from pipeline.core.device import select_device
-from pipeline.core.loop import Callback, CollaborativeLoop, UserBehaviour
 from pipeline.core.metrics import defense_detection_rates
 from pipeline.defenses import REGISTRY
 from pipeline.experiment.config import Config, ConfigError
+from pipeline.lazy import OnFirstUse, torch
+
+if TYPE_CHECKING:
+    from datamodules.federated import FederatedDataModule
+    from pipeline.core.checkpoint import Checkpoint
+    from pipeline.core.loop import Callback
+
+# the data, the models and the loop load on first use (Lightning's import costs seconds): checking arms and
+# configs, and refusing them, needs none of it
+digits, mnist, gtsrb = (OnFirstUse(f"datamodules.{name}") for name in ("digits", "mnist", "gtsrb"))
+mlp, cnn = OnFirstUse("lightning_modules.mlp"), OnFirstUse("lightning_modules.cnn")
+core_loop = OnFirstUse("pipeline.core.loop")
 
 # benign and attack run without defense; every other arm is the attack against the defense of that name
 ARMS = ("benign", "attack", *(name for name in REGISTRY if name != "none"))
@@ -43,16 +45,16 @@ DEFAULT_ARMS = ("benign", "attack", "auror")
 METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
 
 DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
-    "digits": lambda cfg, **kw: DigitsDataModule(test_fraction=cfg.data.test_fraction, **kw),
-    "mnist": lambda cfg, **kw: MNISTDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
-    "gtsrb": lambda cfg, **kw: GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+    "digits": lambda cfg, **kw: digits.DigitsDataModule(test_fraction=cfg.data.test_fraction, **kw),
+    "mnist": lambda cfg, **kw: mnist.MNISTDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+    "gtsrb": lambda cfg, **kw: gtsrb.GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
 }
 MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
-    "digits": lambda cfg, data: MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
-                                              cfg.training.lr),
-    "mnist": lambda cfg, data: MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
-                                             cfg.training.lr),
-    "gtsrb": lambda cfg, data: CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
+    "digits": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
+                                                  cfg.training.lr),
+    "mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
+                                                 cfg.training.lr),
+    "gtsrb": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
 }
 
 
@@ -157,14 +159,14 @@ def prepare_dataset(cfg: Config) -> Path:
     return path
 
 
-def user_behaviour(cfg: Config, attack: Attack, malicious: torch.Tensor, attacking: bool) -> UserBehaviour:
+def user_behaviour(cfg: Config, attack: Attack, malicious: torch.Tensor, attacking: bool) -> core_loop.UserBehaviour:
     """Honest users train ``training.local_epochs``; attacking users use the shared attack knobs
     their attack reads (``malicious_epochs``, ``malicious_lr_multiplier``, ``boost``), and
     the attack's anomaly weight ``w`` (``model_replacement``) as ``(1 - w)`` on their loss plus the pull ``2 w``."""
     a, attackers = cfg.attack, malicious & attacking
     trains = attackers & attack.trains_maliciously
     anomaly = attack.anomaly_weight()
-    return UserBehaviour(
+    return core_loop.UserBehaviour(
         epochs=[a.malicious_epochs if m else cfg.training.local_epochs for m in trains.tolist()],
         lr_multipliers=torch.where(trains, a.malicious_lr_multiplier * (1 - anomaly), 1.0),
         update_scale=torch.where(attackers & attack.boosted, a.boost, 1.0),
@@ -213,7 +215,7 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
         poison_users(data, attack)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
     module = MODELS[cfg.data.name](cfg, data)
-    loop = CollaborativeLoop(
+    loop = core_loop.CollaborativeLoop(
         module, data, user_behaviour(cfg, attack, data.malicious, arm != "benign"), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, attack, cfg.protocol,
         callbacks=list(callbacks), faults=cfg.faults, checkpoint=checkpoint,

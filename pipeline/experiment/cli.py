@@ -38,10 +38,12 @@ def format_table(results: dict[str, dict[str, float | None]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.experiment.arms import DEFAULT_ARMS
-    from pipeline.experiment.run import run_experiment
+    from pipeline.experiment.arms import DEFAULT_ARMS, check_arms
 
     cfg, invocation = args.cfg, None
+    check_arms(cfg, args.arms or DEFAULT_ARMS)  # before the run's imports (MLflow, Lightning): refused at once
+    from pipeline.experiment.run import run_experiment
+
     if args.resume is not None:
         given = [name for name, value in (("--set", args.set), ("--seeds", args.seeds), ("--arms", args.arms)) if value]
         if given:

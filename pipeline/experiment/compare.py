@@ -22,21 +22,19 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from pipeline.attacks import REGISTRY as ATTACKS
+from pipeline.core.metrics import accuracy_drop, attack_success
+from pipeline.experiment.arms import ARMS
+from pipeline.experiment.config import Config, ConfigError, check_name
+from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, parse_grid
+from pipeline.experiment.storage import SWEEP_STORAGE
+from pipeline.experiment.store import ResultsStore, check_report, report_config
+from pipeline.lazy import OnFirstUse
 
-from pipeline.attacks import REGISTRY as ATTACKS  # noqa: E402
-from pipeline.core.metrics import accuracy_drop, attack_success  # noqa: E402
-from pipeline.experiment.arms import ARMS  # noqa: E402
-from pipeline.experiment.config import Config, ConfigError, check_name  # noqa: E402
-from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, parse_grid  # noqa: E402
-from pipeline.experiment.queue import Sweep, run_cells  # noqa: E402
-from pipeline.experiment.storage import SWEEP_STORAGE  # noqa: E402
-from pipeline.experiment.store import ResultsStore, check_report, report_config  # noqa: E402
-from pipeline.experiment.tracking import check_tracking_server  # noqa: E402
+# the work queue, MLflow and matplotlib load when cells run or a report is drawn: a refused grid needs none
+queue, tracking, plots = (OnFirstUse(f"pipeline.experiment.{name}") for name in ("queue", "tracking", "plots"))
 
 log = logging.getLogger("auror")
 
@@ -79,9 +77,9 @@ class Grid:
         (and, at the end, every cell another worker finished)."""
         recorded = self.recorded()
         todo = {c.key: c for group, cells in self.cells.items() for c in cells if c.key not in recorded[group]}
-        sweep = Sweep(storage or SWEEP_STORAGE, sweep_name)
+        sweep = queue.Sweep(storage or SWEEP_STORAGE, sweep_name)
         if track and self.base.tracking.tracking_uri.startswith(("http://", "https://")):  # once, before any cell
-            check_tracking_server(self.base.tracking.tracking_uri, self.base.tracking.experiment)
+            tracking.check_tracking_server(self.base.tracking.tracking_uri, self.base.tracking.experiment)
         log.info("%s: %d cells to run (%d recorded; cells that share a run counted once); results in %s", sweep_name,
                  len(todo), sum(len(r) for r in recorded.values()), self.store.root)
 
@@ -90,7 +88,7 @@ class Grid:
                 self.store.record(group, cells, results)
 
         try:
-            run_cells(list(todo.values()), sweep, track, lambda cell, metrics: record({cell.key: metrics}))
+            queue.run_cells(list(todo.values()), sweep, track, lambda cell, metrics: record({cell.key: metrics}))
         finally:  # also the cells other workers finished
             record(sweep.results(list(todo)))
 
@@ -218,7 +216,7 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
     arms = list(dict.fromkeys(arm for table in tables.values() for arm in table))
     panels = [("success", "attack success (SR; AD when untargeted)", "magma_r"), ("accuracy", "accuracy", "viridis"),
               ("detection_rate", "detection rate", "viridis"), ("false_positive_rate", "false-positive rate", "magma_r")]
-    fig, axes = plt.subplots(4, 1, figsize=(max(6.0, 0.62 * len(columns) + 2.5), 4 * (0.32 * len(arms) + 1.2) + 1.5),
+    fig, axes = plots.plt.subplots(4, 1, figsize=(max(6.0, 0.62 * len(columns) + 2.5), 4 * (0.32 * len(arms) + 1.2) + 1.5),
                              sharex=True)
     for ax, (metric, label, cmap) in zip(axes, panels):
         values = np.full((len(arms), len(columns)), np.nan)
@@ -238,5 +236,5 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title above the first panel
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.plt.close(fig)
     return path

@@ -23,17 +23,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import matplotlib
+from pipeline.attacks.base import Attack
+from pipeline.core.metrics import accuracy_drop, defense_detection_rates
+from pipeline.experiment.arms import ARMS, DataCache, check_arms, make_attack, poison_users, run_arm
+from pipeline.experiment.config import Config, ConfigError
+from pipeline.experiment.store import check_report, report_config
+from pipeline.lazy import OnFirstUse, torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.attacks.base import Attack  # noqa: E402
-from pipeline.core.metrics import accuracy_drop, defense_detection_rates  # noqa: E402
-from pipeline.experiment.arms import ARMS, DataCache, check_arms, make_attack, poison_users, run_arm  # noqa: E402
-from pipeline.experiment.config import Config, ConfigError  # noqa: E402
-from pipeline.experiment.store import check_report, report_config  # noqa: E402
+plots = OnFirstUse("pipeline.experiment.plots")  # matplotlib (Agg) when the figure is drawn
 
 # where each detector's threshold lies on its score (the dashed line of the figure)
 THRESHOLDS = {"auror": lambda p: p.tau, "auror_noniid": lambda p: -p.margin}
@@ -156,7 +153,7 @@ def plot_scores(out: dict, defenses: list[str], cfg, path: Path) -> None:
     scored = [d for d in defenses if d in SCORE_NAMES]
     if not scored:
         return
-    fig, axes = plt.subplots(1, len(scored), figsize=(5.5 * len(scored), 4.2), squeeze=False)
+    fig, axes = plots.plt.subplots(1, len(scored), figsize=(5.5 * len(scored), 4.2), squeeze=False)
     for ax, d in zip(axes[0], scored):
         groups = {"honest": ([], []), "effective attacker": ([], []), "attacker, nothing to poison": ([], [])}
         for s in out["seeds"].values():
@@ -176,4 +173,4 @@ def plot_scores(out: dict, defenses: list[str], cfg, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.plt.close(fig)

@@ -9,7 +9,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-import sqlalchemy as sa
+from pipeline.lazy import sqlalchemy as sa
 
 from pipeline.core.errors import ConfigError
 

@@ -58,23 +58,23 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import mlflow
-import optuna
+from typing import TYPE_CHECKING
 
 from pipeline.core.device import select_device
-from pipeline.core.loop import Callback
 from pipeline.core.metrics import accuracy_drop
 from pipeline.defenses import REGISTRY
 from pipeline.experiment.arms import arm_params, check_arms, run_arm, DataCache
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
-from pipeline.experiment.objectives import TrialReporter, max_malicious_users, objective_value, suggest, warmup_rounds
 from pipeline.experiment.storage import STUDY_STORAGE
-from pipeline.experiment.studies import (SurplusTrial, claimed_before, count_finished, fail_running, fail_stale_trials,
-                                         open_storage, open_study, run_trials, study_setting)
-from pipeline.experiment.tracking import (MlflowRoundLogger, ProgressLogger, check_tracking_server, run_tags,
-                                         setup_mlflow)
-from pipeline.experiment.trials import log_study_plots, write_best_params, write_trials
+from pipeline.lazy import OnFirstUse
+
+if TYPE_CHECKING:
+    from pipeline.core.loop import Callback
+
+# Optuna, MLflow and the study's modules load when a study runs: a refused study needs none of them
+mlflow, optuna = OnFirstUse("mlflow"), OnFirstUse("optuna")
+objectives, studies, tracking, trials = (OnFirstUse(f"pipeline.experiment.{name}")
+                                         for name in ("objectives", "studies", "tracking", "trials"))
 
 log = logging.getLogger("auror")
 
@@ -127,7 +127,7 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
     if spec.kind == "defense" and round(cfg.users.malicious_fraction * cfg.users.num_users) == 0:
         raise ConfigError(f"users.malicious_fraction: a defense study needs malicious users, got "
                           f"{cfg.users.malicious_fraction!r} of {cfg.users.num_users} users")
-    if spec.kind == "attack" and max_malicious_users(cfg, budget) < 1:
+    if spec.kind == "attack" and objectives.max_malicious_users(cfg, budget) < 1:
         raise ConfigError(f"--max-malicious-fraction: {budget!r} of {cfg.users.num_users} users is less than one user")
     select_device(cfg.training.device)  # a missing GPU is refused before the study starts
     return name, budget
@@ -162,7 +162,7 @@ def start_parent_run(study: optuna.Study, experiment_id: str, name: str, spec: S
         except mlflow.exceptions.MlflowException:
             log.info("parent run %s of study %s not in this MLflow store: starting a new one", run_id, name)
     tags = {"optuna_study": name, "kind": f"tune-{spec.kind}", "dataset": cfg.data.name, "defense": spec.defense,
-            "git_commit": run_tags(cfg, spec.defense)["git_commit"]}
+            "git_commit": tracking.run_tags(cfg, spec.defense)["git_commit"]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{name}", tags=tags)
     # workers that start a new study together each made one: all keep the earliest, the others go
     first = earliest_parent_run(experiment_id, name)
@@ -187,7 +187,7 @@ def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache) -> float:
     if "benign_accuracy" not in study.user_attrs:
         log.info("benign arm (once per study, for the accuracy drop)")
         study.set_user_attr("benign_accuracy",
-                            run_arm(cfg, "benign", [ProgressLogger("benign")], data=data).metrics["accuracy"])
+                            run_arm(cfg, "benign", [tracking.ProgressLogger("benign")], data=data).metrics["accuracy"])
     return study.user_attrs["benign_accuracy"]
 
 
@@ -195,23 +195,23 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
                    started: list[int], data: DataCache):
     def objective(trial: optuna.Trial) -> float:
         started.append(trial.number)
-        if claimed_before(trial.study, trial.number) >= spec.n_trials:
+        if studies.claimed_before(trial.study, trial.number) >= spec.n_trials:
             trial.set_user_attr("surplus", True)
-            raise SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
+            raise studies.SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
         # the first trial is the configured setting: it searches nothing
-        overrides = [] if trial.user_attrs.get("baseline") else suggest(spec.kind, spec.defense, trial, spec.cfg, budget)
+        overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(spec.kind, spec.defense, trial, spec.cfg, budget)
         trial.set_user_attr("overrides", overrides)
         cfg = with_overrides(spec.cfg, overrides)
-        tags = {**run_tags(cfg, spec.defense), "optuna_study": name, "optuna_trial": str(trial.number),
+        tags = {**tracking.run_tags(cfg, spec.defense), "optuna_study": name, "optuna_trial": str(trial.number),
                 "kind": f"tune-{spec.kind}"}
         with child_run(experiment_id, f"{name}-trial{trial.number}", tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(arm_params(cfg, spec.defense))
-            callbacks = [ProgressLogger(f"trial {trial.number}"), MlflowRoundLogger(),
-                         TrialReporter(trial, spec.kind, benign), *spec.extra_callbacks]
+            callbacks = [tracking.ProgressLogger(f"trial {trial.number}"), tracking.MlflowRoundLogger(),
+                         objectives.TrialReporter(trial, spec.kind, benign), *spec.extra_callbacks]
             metrics = dict(run_arm(cfg, spec.defense, callbacks, data=data).metrics)
             metrics["accuracy_drop"] = accuracy_drop(benign, metrics["accuracy"])
-            value = objective_value(spec.kind, metrics)
+            value = objectives.objective_value(spec.kind, metrics)
             trial.set_user_attr("metrics", metrics)
             mlflow.log_metrics({"objective": value, **{k: v for k, v in metrics.items()
                                                        if v is not None and k not in ("accuracy", "attack_success_rate")}})
@@ -230,13 +230,13 @@ def run_study(spec: StudySpec) -> StudyResult:
     base = spec.cfg
     name, budget = validate_spec(spec, base)
     if base.tracking.tracking_uri.startswith(("http://", "https://")):  # before the study is opened or made
-        check_tracking_server(base.tracking.tracking_uri, base.tracking.experiment)
-    storage = open_storage(spec.storage or STUDY_STORAGE)
-    study = open_study(storage, name, study_setting(spec.kind, spec.defense, base, budget), base.seed)
+        tracking.check_tracking_server(base.tracking.tracking_uri, base.tracking.experiment)
+    storage = studies.open_storage(spec.storage or STUDY_STORAGE)
+    study = studies.open_study(storage, name, studies.study_setting(spec.kind, spec.defense, base, budget), base.seed)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
-                                               n_warmup_steps=warmup_rounds(spec.kind, spec.defense, base))
-    experiment_id = setup_mlflow(base)
-    fail_stale_trials(study)
+                                               n_warmup_steps=objectives.warmup_rounds(spec.kind, spec.defense, base))
+    experiment_id = tracking.setup_mlflow(base)
+    studies.fail_stale_trials(study)
     if not study.trials:
         study.enqueue_trial({}, user_attrs={"baseline": True})
     parent_id = start_parent_run(study, experiment_id, name, spec, base)
@@ -246,21 +246,21 @@ def run_study(spec: StudySpec) -> StudyResult:
         mlflow.set_tag("n_trials", str(spec.n_trials))
         benign = benign_accuracy(study, base, data)
         mlflow.log_metric("benign_accuracy", benign)
-        finished = count_finished(study)
+        finished = studies.count_finished(study)
         remaining = max(spec.n_trials - finished, 0)
         log.info("study %s: %d finished trials of %d, running %d more", name, finished, spec.n_trials, remaining)
         if remaining > 0:
-            run_trials(study, make_objective(spec, name, budget, benign, experiment_id, started, data), spec.n_trials)
-        log_study_plots(study)
-        path = write_best_params(study, base, spec.kind, name)
-        mlflow.log_artifact(str(write_trials(study, name, base.tracking.reports_dir)))
+            studies.run_trials(study, make_objective(spec, name, budget, benign, experiment_id, started, data), spec.n_trials)
+        trials.log_study_plots(study)
+        path = trials.write_best_params(study, base, spec.kind, name)
+        mlflow.log_artifact(str(trials.write_trials(study, name, base.tracking.reports_dir)))
         if path is not None:
             mlflow.log_metric("best_value", study.best_value)
             mlflow.set_tag("best_trial", str(study.best_trial.number))
             mlflow.log_artifact(str(path))
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
-            fail_running(study, started)
+            studies.fail_running(study, started)
         mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
