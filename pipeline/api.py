@@ -337,7 +337,9 @@ class Detection:
         ``(features,)`` bool: which features are indicative.
     centre_distance : numpy.ndarray
         ``(features,)``: the distance between each feature's two centres
-        (0 where fewer than two users uploaded it).
+        (0 where fewer than two users uploaded it; NaN where it was not
+        clustered: with ``alpha_mode="absolute"``, a feature whose values span
+        at most ``alpha`` cannot be indicative, and is skipped).
     """
 
     flagged: tuple[int, ...]

@@ -18,7 +18,7 @@ from pipeline.attacks.ipm import ipm_update
 from pipeline.attacks.min_max import min_max_update
 from pipeline.attacks.model_replacement import ModelReplacement, ModelReplacementParams
 from pipeline.core.local_training import train_users, user_batches
-from pipeline.attacks.base import RoundUpdates
+from pipeline.core.server import RoundUpdates
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import ConfigError, load_config
 from pipeline.experiment.arms import MODELS, build_datamodule, run_arm

@@ -68,3 +68,67 @@ def test_scores_do_not_depend_on_the_chunk_size():
     chunked = Auror(alpha=0.1, tau=0.5, chunk_size=7).fit(updates)
     np.testing.assert_array_equal(chunked.scores_, whole.scores_)
     np.testing.assert_array_equal(chunked.flagged_, whole.flagged_)
+
+
+def reference_fit(updates: np.ndarray, alpha: float, tau: float, alpha_mode: str = "absolute"):
+    """AUROR's rule written out feature by feature: every feature clustered (scikit-learn's KMeans is the
+    reference of the clustering: tests/test_clustering.py), the indicative ones by their centre distance,
+    and each user's score over the indicative features it uploaded. Returns (scores, flagged, indicative)."""
+    import torch
+
+    from pipeline.defenses.clustering import two_means_1d
+
+    clusters = two_means_1d(torch.as_tensor(updates.T, dtype=torch.float32))
+    distance = torch.nan_to_num(clusters.high - clusters.low, nan=0.0).numpy()
+    threshold = alpha if alpha_mode == "absolute" else float(np.quantile(distance, alpha))
+    in_minority, uploaded = np.zeros(len(updates)), np.zeros(len(updates))
+    for j in np.flatnonzero(distance > threshold):
+        present = ~np.isnan(updates[:, j])
+        upper = clusters.upper[j].numpy()
+        lower = present & ~upper
+        if upper.sum() != lower.sum():  # on a tie neither cluster is suspicious
+            in_minority += upper if upper.sum() < lower.sum() else lower
+        uploaded += present
+    scores = in_minority / np.maximum(uploaded, 1)
+    return scores, scores > tau, distance > threshold
+
+
+def masked(updates: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``updates`` with a random ``share`` of each user's values not uploaded (NaN), as DSSGD leaves them."""
+    out = updates.copy()
+    out[np.random.default_rng(seed).random(out.shape) < share] = np.nan
+    return out
+
+
+CASES = {
+    "planted": (synthetic_updates(), 0.1, 0.5, "absolute"),
+    "no attacker": (synthetic_updates(planted=()), 0.1, 0.5, "absolute"),
+    "quantile": (synthetic_updates(), 0.98, 0.5, "quantile"),
+    "masked 70%": (masked(synthetic_updates(seed=3), 0.7, 0), 0.1, 0.5, "absolute"),
+    "masked, quantile": (masked(synthetic_updates(seed=4), 0.5, 1), 0.9, 0.3, "quantile"),
+    "alpha 0, ties": (np.round(synthetic_updates(seed=5) * 20) / 20, 0.0, 0.2, "absolute"),
+    "spans of exactly alpha": (np.tile([[0.0], [0.0], [0.25]], (4, 300)) * np.arange(1, 301) / 200, 0.25, 0.4, "absolute"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flags_and_scores_equal_the_rule_written_out(case):
+    updates, alpha, tau, mode = CASES[case]
+    scores, flagged, indicative = reference_fit(updates, alpha, tau, mode)
+    d = Auror(alpha=alpha, tau=tau, alpha_mode=mode, chunk_size=512).fit(updates)
+    assert np.array_equal(d.scores_, scores) and np.array_equal(d.flagged_, flagged)
+    assert np.array_equal(d.indicative_, indicative)
+    assert indicative.any() or case == "no attacker"
+
+
+def test_only_features_spanning_more_than_alpha_are_clustered():
+    """Absolute mode: a feature whose values span at most alpha cannot be indicative; its distance is NaN
+    (not computed), the others' are the clustering's."""
+    updates = synthetic_updates()
+    d = Auror(alpha=0.1, tau=0.5).fit(updates)
+    span = np.nanmax(updates, 0) - np.nanmin(updates, 0)
+    assert np.array_equal(np.isnan(d.centre_distance_), span <= 0.1)
+    full = Auror(alpha=0.98, tau=0.5, alpha_mode="quantile").fit(updates).centre_distance_
+    clustered = span > 0.1
+    assert np.array_equal(d.centre_distance_[clustered], full[clustered])
+    assert (full[~clustered] <= 0.1).all()

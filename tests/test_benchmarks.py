@@ -43,10 +43,13 @@ def test_end_to_end_benchmark_times_every_arm(capsys):
 
     params = str(BENCHMARKS.parent / "params.yaml")  # the embedded digits: no data needed
     figures = load("bench_end_to_end").main(["--params", params, *(a for o in TINY for a in ("--set", o))])
-    assert set(figures) == {"wall s", "peak MiB", "benign arm s", "attack arm s", "auror arm s"}
+    assert set(figures) == {"wall s", "peak MiB", "benign arm s", "attack arm s", "auror arm s", "bound s",
+                            "wall / bound", "torch import s", "beyond bound and torch s"}
     assert figures["wall s"] > sum(figures[f"{arm} arm s"] for arm in ("benign", "attack", "auror")) > 0
+    assert figures["wall s"] > figures["bound s"] > 0 and figures["wall / bound"] > 1
     assert figures["peak MiB"] > 50
-    assert "x the 120 s target" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x the 120 s target" in out and "whole process / compute bound" in out
 
 
 def test_defenses_benchmark_times_every_registered_defense(capsys, monkeypatch, tmp_path):

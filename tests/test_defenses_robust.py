@@ -140,6 +140,19 @@ def test_trimmed_mean_count_is_exact_at_float_edges(byzfl):
 
 # --- Bulyan ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["plain", "duplicates", "integers"])
+@pytest.mark.parametrize("shape, k", [((18, 5000), 6), ((7, 300), 1), ((33, 200), 33), ((4, 50), 2)])
+def test_smallest_rows_is_the_stable_argsort(kind, shape, k):
+    """Bulyan's partial selection gives the rows a stable sort gives: the same aggregate to the last bit."""
+    from pipeline.defenses.bulyan import smallest_rows
+
+    x = matrix(shape, 3, duplicates=kind == "duplicates", integers=kind == "integers").abs()
+    x[0, :7] = torch.tensor([0.0, -0.0, math.inf, 1e-45, 3.4e38, 0.0, 0.0])[: min(7, shape[1])]
+    expected = x.argsort(dim=0, stable=True)[:k]
+    assert torch.equal(smallest_rows(x, k), expected)
+    assert torch.equal(smallest_rows(x.double(), k), expected)  # other dtypes: the sort itself
+
+
 def test_bulyan_hand_worked():
     # n = 7, f = 1: theta = 5 rows by iterated Krum, then beta = 3 values around the median.
     # Krum with r rows remaining sums the r - f - 2 (>= 1) smallest squared distances:

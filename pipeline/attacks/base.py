@@ -25,19 +25,10 @@ import numpy as np
 from pipeline.lazy import torch
 
 from pipeline.core.metrics import attack_success_rate
+from pipeline.core.server import RoundUpdates
 from pipeline.defenses.base import check, finite_number
 
 __all__ = ["Attack", "AttackParams", "Poisoned", "RoundUpdates", "UserData", "check", "finite_number"]
-
-@dataclass(frozen=True)
-class RoundUpdates:
-    """What an attack's update side sees in one round (before the upload)."""
-
-    round: int
-    own: torch.Tensor  # (attackers, P): the malicious users' updates after local training (and the boost)
-    honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
-    num_users: int  # every user of the round, honest and malicious
-
 
 # how an attack's success is measured (the MLflow tag ``attack.success_metric``)
 SOURCE_TO_TARGET = "source_to_target"  # fraction of source-class test inputs classified as the target

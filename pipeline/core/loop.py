@@ -16,7 +16,6 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
-from pipeline.attacks.base import RoundUpdates
 from pipeline.core.checkpoint import Checkpoint, CheckpointError
 from pipeline.core.device import seeded_generator
 from pipeline.core.faults import FAULT_STREAM, FaultsConfig, faulty_this_round, inject_faults, screen_uploads
@@ -26,7 +25,7 @@ from pipeline.core.masking import (
     num_kept, upload_mask,
 )
 from pipeline.core.metrics import accuracy
-from pipeline.core.server import Aggregate, ServerInputs, Uploads, parameter_layout, present_rows
+from pipeline.core.server import Aggregate, RoundUpdates, ServerInputs, Uploads, parameter_layout, present_rows
 
 log = logging.getLogger("auror")
 

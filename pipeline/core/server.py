@@ -4,6 +4,7 @@ clients and any defense.
 A defense receives :class:`Uploads` (user ids and update tensors, no data, no
 labels, no knowledge of who attacks) and, when it declares them, the
 server-held inputs of :class:`ServerInputs`; it returns an :class:`Aggregate`.
+On the other side, an attack's update side sees :class:`RoundUpdates` before the upload.
 """
 
 from __future__ import annotations
@@ -12,6 +13,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.lazy import torch
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    """What an attack's update side sees in one round (before the upload)."""
+
+    round: int
+    own: torch.Tensor  # (attackers, P): the malicious users' updates after local training (and the boost)
+    honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
+    num_users: int  # every user of the round, honest and malicious
 
 
 @dataclass(frozen=True)
