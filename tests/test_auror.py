@@ -132,3 +132,20 @@ def test_only_features_spanning_more_than_alpha_are_clustered():
     clustered = span > 0.1
     assert np.array_equal(d.centre_distance_[clustered], full[clustered])
     assert (full[~clustered] <= 0.1).all()
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 5])
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_the_window_mean_is_nanmean_to_the_bit(rounds, missing):
+    import torch
+
+    from pipeline.defenses.auror import window_mean
+
+    g = torch.Generator().manual_seed(rounds)
+    window = torch.randn(rounds, 7, 3000, generator=g) * torch.logspace(-6, 2, 3000)
+    window[0, 0, :5] = torch.tensor([0.0, -0.0, 1e-45, 3e38, -3e38])
+    if missing:
+        window[torch.rand(window.shape, generator=g) < missing] = float("nan")
+        window[:, 3] = float("nan")  # a user absent from every round of the window
+    expected = window.nanmean(0)
+    assert torch.equal(window_mean(window).view(torch.int32), expected.view(torch.int32))

@@ -167,3 +167,16 @@ def test_per_coordinate_aggregation_matches_a_naive_loop_on_random_masks():
         values = [masked[u, j] for u in range(9) if accepted[u] and not torch.isnan(masked[u, j])]
         expected = sum(values) / len(values) if values else 0.0
         assert result[j].item() == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_present_and_complete_rows_value_by_value():
+    """Rows judged by their sums first: a row with +inf and -inf (sum NaN, no NaN value) is still complete."""
+    from pipeline.core.server import complete_rows, present_rows
+
+    nan, inf = float("nan"), float("inf")
+    updates = torch.tensor([[1.0, 2.0, 3.0], [nan, 2.0, 3.0], [nan, nan, nan], [inf, -inf, 0.0], [inf, nan, 1.0]])
+    assert present_rows(updates).tolist() == [True, True, False, True, True]
+    assert complete_rows(updates).tolist() == [True, False, False, True, False]
+    assert torch.equal(present_rows(updates), ~torch.isnan(updates).all(1))
+    assert torch.equal(complete_rows(updates), ~torch.isnan(updates).any(1))
+    assert present_rows(torch.zeros(3, 0)).tolist() == [False] * 3  # no coordinate: nothing uploaded

@@ -143,9 +143,9 @@ def aggregate_per_coordinate(masked_updates: torch.Tensor, accepted: torch.Tenso
     branching; ``tests/test_masking.py`` guards it on many shapes).
     """
     rows = masked_updates if bool(accepted.all()) else masked_updates[accepted]
+    if len(rows) and not bool(torch.isnan(rows.sum())):  # whole uploads (a NaN would make the sum NaN):
+        return rows.mean(0)  # the same numbers, fewer passes over the matrix
     uploaded = ~torch.isnan(rows)
-    if len(rows) and bool(uploaded.all()):  # whole uploads: the same numbers, fewer passes over the matrix
-        return rows.mean(0)
     total = torch.where(uploaded, rows, 0).sum(0)
     count = uploaded.sum(0, dtype=rows.dtype)  # exact up to 2**24 users; no int64 copy of the mask
     return torch.where(count > 0, total / count, 0).to(masked_updates.dtype)

@@ -94,15 +94,27 @@ def parameter_layout(module: torch.nn.Module) -> tuple[ParameterSlice, ...]:
     return tuple(layout)
 
 
+def nan_rows(updates: torch.Tensor) -> torch.Tensor:
+    """Rows that may hold a NaN (bool (users,)), from one sum per row: a NaN makes the sum NaN. (So do +inf
+    and -inf together: such a row is only checked value by value below, never misjudged.)"""
+    return torch.isnan(updates.sum(1))
+
+
 def present_rows(updates: torch.Tensor) -> torch.Tensor:
     """Users who uploaded at least one value this round (bool (users,))."""
-    return ~torch.isnan(updates).all(1)
+    present = torch.full((len(updates),), updates.shape[1] > 0, device=updates.device)
+    suspect = nan_rows(updates).nonzero().squeeze(1)  # the others hold no NaN: present
+    present[suspect] = ~torch.isnan(updates[suspect]).all(1)
+    return present
 
 
 def complete_rows(updates: torch.Tensor) -> torch.Tensor:
     """Users who uploaded every coordinate (bool (users,)): the only rows a
     rule on whole vectors (distances, norms, cosines) can use."""
-    return ~torch.isnan(updates).any(1)
+    complete = ~nan_rows(updates)
+    suspect = (~complete).nonzero().squeeze(1)
+    complete[suspect] = ~torch.isnan(updates[suspect]).any(1)
+    return complete
 
 
 def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,14 @@ class Auror:
         return self
 
 
+def window_mean(window: torch.Tensor) -> torch.Tensor:
+    """``window.nanmean(0)`` to the bit, (rounds, users, P) -> (users, P): the plain mean when no value is
+    missing (the sum of all values is NaN only when one is: uploads hold no Inf), a fifth of nanmean's time."""
+    if torch.isnan(window.sum()):
+        return window.nanmean(0)
+    return window.sum(0) / len(window)
+
+
 ALPHA_MODES = ("absolute", "quantile")
 WINDOW_REDUCES = ("mean", "stack")
 # Optuna's search ranges; alpha's depends on how it is read: low, high, log scale
@@ -205,7 +213,7 @@ class AurorDefense(Defense):
         window = torch.stack([w.to(uploads.updates.device) for w in self._window])
         self._window = []
         # a user absent from every window round gets an all-NaN row: no feature, score 0, never flagged
-        features = window.nanmean(0) if p.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)
+        features = window_mean(window) if p.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)
         d = Auror(p.alpha, p.tau, p.alpha_mode).fit(features)
         ids = uploads.user_ids.tolist()
         self.flagged = {ids[i] for i in d.flagged_.nonzero()[0]}
