@@ -16,7 +16,7 @@ from datamodules.federated import FederatedDataModule
 
 
 class MNISTDataModule(FederatedDataModule):
-    """Federated MNIST.
+    """Federated MNIST (and, as a subclass, the datasets of the same format: Fashion-MNIST).
 
     Parameters
     ----------
@@ -31,6 +31,8 @@ class MNISTDataModule(FederatedDataModule):
 
     num_classes = 10
     num_features = 784
+    dataset = MNIST  # torchvision's class: it reads root/<its name>/raw and downloads there
+    label = "MNIST"  # in messages
 
     def __init__(self, *args, root: str | os.PathLike, download: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -38,7 +40,7 @@ class MNISTDataModule(FederatedDataModule):
 
     @property
     def raw_folder(self):
-        return resolve_data_root(self.root) / "MNIST" / "raw"
+        return resolve_data_root(self.root) / self.dataset.__name__ / "raw"
 
     def _files_present(self) -> bool:
         return all((self.raw_folder / f"{name}-ubyte").is_file()
@@ -46,11 +48,11 @@ class MNISTDataModule(FederatedDataModule):
 
     def _open(self, train: bool, download: bool) -> MNIST:
         try:
-            return MNIST(resolve_data_root(self.root), train=train, download=download)
+            return self.dataset(resolve_data_root(self.root), train=train, download=download)
         except (RuntimeError, OSError, ValueError, AssertionError) as e:  # not found, no network, bad files
             if self._files_present():  # all there, yet unreadable: say so rather than "not found"
-                raise DatasetCorruptError("MNIST", self.raw_folder, e) from e
-            raise DatasetMissingError("MNIST", self.raw_folder, missing_reason(download, self.download)) from e
+                raise DatasetCorruptError(self.label, self.raw_folder, e) from e
+            raise DatasetMissingError(self.label, self.raw_folder, missing_reason(download, self.download)) from e
 
     def prepare_data(self) -> None:
         """Download both splits when ``download`` is true (Lightning calls this once, before setup)."""

@@ -1,4 +1,4 @@
-"""MNIST and GTSRB datamodules on the real data (skipped when it is absent), the
+"""MNIST, Fashion-MNIST and GTSRB datamodules on the real data (skipped when it is absent), the
 decoding cache, the missing-data error, and the CNN through vectorised training.
 
 The data is read from ``$AUROR_DATA_DIR``, else from ``../shared/datasets``
@@ -20,6 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import datamodules.gtsrb as gtsrb
 from datamodules.data_root import DatasetMissingError, resolve_cache_dir, resolve_data_root
 from datamodules.gtsrb import GTSRBDataModule, cache_path, decode_images
+from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.mnist import MNISTDataModule
 from lightning_modules.cnn import CNNClassifier
 from pipeline.core.local_training import train_users, user_batches
@@ -37,6 +38,11 @@ def needs(subfolder: str) -> Path:
 @pytest.fixture
 def mnist_root():
     return needs("MNIST/raw")
+
+
+@pytest.fixture
+def fashion_mnist_root():
+    return needs("FashionMNIST/raw")
 
 
 @pytest.fixture
@@ -81,6 +87,18 @@ def test_mnist_loads_scaled_flat_images(mnist_root):
     assert data.train_x.min() == 0 and data.train_x.max() == 1
     assert set(data.clean_train_y.unique().tolist()) == set(range(10)) == set(data.test_y.unique().tolist())
     assert sum(len(i) for i in data.user_indices) == 60000
+
+
+def test_fashion_mnist_loads_its_own_files(fashion_mnist_root, mnist_root):
+    data = FashionMNISTDataModule(**USERS, root=fashion_mnist_root)
+    data.setup()
+    assert data.train_x.shape == (60000, 784) and data.test_x.shape == (10000, 784)
+    assert data.train_x.min() == 0 and data.train_x.max() == 1
+    assert set(data.clean_train_y.unique().tolist()) == set(range(10)) == set(data.test_y.unique().tolist())
+    assert (data.test_y.bincount() == 1000).all()  # Fashion-MNIST's balanced test set (MNIST's is not)
+    digits = MNISTDataModule(**USERS, root=mnist_root)
+    digits.setup()
+    assert not torch.equal(data.test_x[:100], digits.test_x[:100])
 
 
 # --- GTSRB decoding and cache --------------------------------------------------------------------------------------
@@ -139,10 +157,12 @@ def test_cache_name_depends_on_files_and_split(tmp_path):
 def make(name, root, download, cache_dir):
     if name == "MNIST":
         return MNISTDataModule(**USERS, root=root, download=download)
+    if name == "Fashion-MNIST":
+        return FashionMNISTDataModule(**USERS, root=root, download=download)
     return GTSRBDataModule(**USERS, root=root, download=download, cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("name", ["MNIST", "GTSRB"])
+@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB"])
 def test_missing_data_gives_a_one_line_error(name, tmp_path, monkeypatch):
     monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
     data = make(name, tmp_path / "empty", download=False, cache_dir=tmp_path / "cache")
@@ -154,7 +174,7 @@ def test_missing_data_gives_a_one_line_error(name, tmp_path, monkeypatch):
     assert "AUROR_DATA_DIR" in message
 
 
-@pytest.mark.parametrize("name", ["MNIST", "GTSRB"])
+@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB"])
 def test_failed_download_gives_the_same_error(name, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("simulated: no network")

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 # the data, the models and the loop load on first use (Lightning's import costs seconds): checking arms and
 # configs, and refusing them, needs none of it
-digits, mnist, gtsrb = (OnFirstUse(f"datamodules.{name}") for name in ("digits", "mnist", "gtsrb"))
+digits, mnist, fashion_mnist, gtsrb = (OnFirstUse(f"datamodules.{name}")
+                                      for name in ("digits", "mnist", "fashion_mnist", "gtsrb"))
 mlp, cnn = OnFirstUse("lightning_modules.mlp"), OnFirstUse("lightning_modules.cnn")
 core_loop = OnFirstUse("pipeline.core.loop")
 
@@ -47,6 +48,8 @@ METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate",
 DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
     "digits": lambda cfg, **kw: digits.DigitsDataModule(test_fraction=cfg.data.test_fraction, **kw),
     "mnist": lambda cfg, **kw: mnist.MNISTDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+    "fashion_mnist": lambda cfg, **kw: fashion_mnist.FashionMNISTDataModule(root=cfg.data.root,
+                                                                            download=cfg.data.download, **kw),
     "gtsrb": lambda cfg, **kw: gtsrb.GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
 }
 MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
@@ -54,6 +57,8 @@ MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
                                                   cfg.training.lr),
     "mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
                                                  cfg.training.lr),
+    "fashion_mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes,
+                                                         cfg.training.hidden_sizes, cfg.training.lr),
     "gtsrb": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
 }
 
