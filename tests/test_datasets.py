@@ -1,4 +1,4 @@
-"""MNIST, Fashion-MNIST and GTSRB datamodules on the real data (skipped when it is absent), the
+"""MNIST, Fashion-MNIST and GTSRB datamodules on the real data, CIFAR-10's on an archive written here (skipped when it is absent), the
 decoding cache, the missing-data error, and the CNN through vectorised training.
 
 The data is read from ``$AUROR_DATA_DIR``, else from ``../shared/datasets``
@@ -20,6 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 import datamodules.gtsrb as gtsrb
 from datamodules.data_root import DatasetMissingError, resolve_cache_dir, resolve_data_root
 from datamodules.gtsrb import GTSRBDataModule, cache_path, decode_images
+from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.mnist import MNISTDataModule
 from lightning_modules.cnn import CNNClassifier
@@ -101,6 +102,70 @@ def test_fashion_mnist_loads_its_own_files(fashion_mnist_root, mnist_root):
     assert not torch.equal(data.test_x[:100], digits.test_x[:100])
 
 
+# --- CIFAR-10, on a small archive in its own format -------------------------------------------------------------
+
+def write_cifar10(root: Path, per_batch: int = 12, test: int = 20, seed: int = 0) -> dict:
+    """``root/cifar-10-batches-py`` as torchvision's archive unpacks it (pickled dicts of ``data`` (N, 3072)
+    uint8, channel-major, and ``labels``), ``per_batch`` images in each of the 5 training batches."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.permutation(np.arange(n) % 10)], b"batch_label": name.encode()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        written[name] = batch
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane", b"automobile", b"bird",
+        b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]}))
+    return written
+
+
+def test_cifar10_reads_its_batches_channel_major_and_normalised(tmp_path):
+    written = write_cifar10(tmp_path)
+    data = CIFAR10DataModule(**USERS, root=tmp_path)
+    data.setup()
+    assert data.train_x.shape == (60, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    first = written["data_batch_1"][b"data"][0].astype(np.float32) / 255  # image 0: red plane, then green, blue
+    pixel = (first[1 * 1024 + 5 * 32 + 7] - float(data.mean_[1])) / float(data.std_[1])  # channel 1, row 5, col 7
+    assert data.train_x[0, 1, 5, 7].item() == pytest.approx(pixel, rel=1e-5)
+    labels = [y for i in range(1, 6) for y in written[f"data_batch_{i}"][b"labels"]]
+    assert data.clean_train_y.tolist() == labels and data.test_y.tolist() == written["test_batch"][b"labels"]
+    std, mean = torch.std_mean(data.train_x, dim=(0, 2, 3))
+    torch.testing.assert_close(mean, torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_cifar10_damaged_batch_is_one_line(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    from datamodules.data_root import DatasetCorruptError
+
+    with pytest.raises(DatasetCorruptError, match="CIFAR-10") as error:
+        CIFAR10DataModule(**USERS, root=tmp_path).setup()
+    assert "\n" not in str(error.value) and str(tmp_path / "cifar-10-batches-py") in str(error.value)
+
+
+def test_cifar10_config_runs_end_to_end_on_the_archive(tmp_path, monkeypatch, capsys):
+    """configs/cifar10.yaml, shrunk: the CNN's three arms train on the written archive, AUROR flags."""
+    import json
+
+    from pipeline.experiment.cli import main
+
+    write_cifar10(tmp_path / "data", per_batch=16)
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
+    overrides = ["data.root=data", "data.download=false", "users.num_users=4", "users.malicious_fraction=0.25",
+                 "training.rounds=2", "defense.auror.window_rounds=2", "training.device=cpu"]
+    assert main(["run", "--params", str(config), *(a for o in overrides for a in ("--set", o))]) == 0
+    results = json.loads((tmp_path / "reports" / "latest.json").read_text())
+    assert set(results) == {"benign", "attack", "auror"}
+    assert all(0 <= results[arm]["accuracy"] <= 1 for arm in results)
+
+
 # --- GTSRB decoding and cache --------------------------------------------------------------------------------------
 
 def test_decode_images_reads_ppm_like_pil(gtsrb_root):
@@ -159,10 +224,12 @@ def make(name, root, download, cache_dir):
         return MNISTDataModule(**USERS, root=root, download=download)
     if name == "Fashion-MNIST":
         return FashionMNISTDataModule(**USERS, root=root, download=download)
+    if name == "CIFAR-10":
+        return CIFAR10DataModule(**USERS, root=root, download=download)
     return GTSRBDataModule(**USERS, root=root, download=download, cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB"])
+@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB", "CIFAR-10"])
 def test_missing_data_gives_a_one_line_error(name, tmp_path, monkeypatch):
     monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
     data = make(name, tmp_path / "empty", download=False, cache_dir=tmp_path / "cache")
@@ -174,7 +241,7 @@ def test_missing_data_gives_a_one_line_error(name, tmp_path, monkeypatch):
     assert "AUROR_DATA_DIR" in message
 
 
-@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB"])
+@pytest.mark.parametrize("name", ["MNIST", "Fashion-MNIST", "GTSRB", "CIFAR-10"])
 def test_failed_download_gives_the_same_error(name, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("simulated: no network")

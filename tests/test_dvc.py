@@ -115,7 +115,7 @@ OWN_DEFENSE = {"auror": {"pipeline/defenses/auror.py", "pipeline/defenses/cluste
 # likewise the attacks other than label flipping (the arm stages run the paper's attack)
 ATTACK_MODULES = {str(f.relative_to(ROOT)) for f in (ROOT / "pipeline" / "attacks").glob("*.py")
                   if f.name not in ("__init__.py", "base.py", "label_flip.py")}
-DATAMODULES = {f"datamodules/{name}.py" for name in ("digits", "mnist", "fashion_mnist", "gtsrb")}
+DATAMODULES = {f"datamodules/{name}.py" for name in ("digits", "mnist", "fashion_mnist", "gtsrb", "cifar10")}
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 # the data, the models and the loop load on first use (Lightning's import costs seconds): checking arms and
 # configs, and refusing them, needs none of it
-digits, mnist, fashion_mnist, gtsrb = (OnFirstUse(f"datamodules.{name}")
-                                      for name in ("digits", "mnist", "fashion_mnist", "gtsrb"))
+digits, mnist, fashion_mnist, gtsrb, cifar10 = (OnFirstUse(f"datamodules.{name}")
+                                               for name in ("digits", "mnist", "fashion_mnist", "gtsrb", "cifar10"))
 mlp, cnn = OnFirstUse("lightning_modules.mlp"), OnFirstUse("lightning_modules.cnn")
 core_loop = OnFirstUse("pipeline.core.loop")
 
@@ -51,6 +51,7 @@ DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
     "fashion_mnist": lambda cfg, **kw: fashion_mnist.FashionMNISTDataModule(root=cfg.data.root,
                                                                             download=cfg.data.download, **kw),
     "gtsrb": lambda cfg, **kw: gtsrb.GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
+    "cifar10": lambda cfg, **kw: cifar10.CIFAR10DataModule(root=cfg.data.root, download=cfg.data.download, **kw),
 }
 MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
     "digits": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
@@ -60,6 +61,7 @@ MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
     "fashion_mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes,
                                                          cfg.training.hidden_sizes, cfg.training.lr),
     "gtsrb": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
+    "cifar10": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
 }
 
 

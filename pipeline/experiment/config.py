@@ -136,7 +136,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-DATASETS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "gtsrb": 43}  # name -> number of classes
+DATASETS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "gtsrb": 43, "cifar10": 10}  # name -> number of classes
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
 PARTITIONS = ("iid", "dirichlet")
 UPLOAD_SELECTIONS = ("largest", "random")
