@@ -123,7 +123,8 @@ def write_cifar10(root: Path, per_batch: int = 12, test: int = 20, seed: int = 0
     return written
 
 
-def test_cifar10_reads_its_batches_channel_major_and_normalised(tmp_path):
+def test_cifar10_reads_its_batches_channel_major_and_normalised(tmp_path, monkeypatch):
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)  # it would override root
     written = write_cifar10(tmp_path)
     data = CIFAR10DataModule(**USERS, root=tmp_path)
     data.setup()
@@ -138,7 +139,8 @@ def test_cifar10_reads_its_batches_channel_major_and_normalised(tmp_path):
     torch.testing.assert_close(std, torch.ones(3), atol=1e-4, rtol=0)
 
 
-def test_cifar10_damaged_batch_is_one_line(tmp_path):
+def test_cifar10_damaged_batch_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     from datamodules.data_root import DatasetCorruptError
