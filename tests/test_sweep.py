@@ -255,3 +255,17 @@ def test_a_cell_whose_result_the_storage_lost_is_not_run_twice(tmp_path, monkeyp
     assert main(["sweep", *args]) == 0
     assert trained == [] and [r.info.status for r in cell_runs(tmp_path)] == ["FINISHED"]
     assert not list((tmp_path / "mlruns" / "checkpoints").glob("cell-*"))
+
+
+def test_a_table_created_by_another_worker_at_the_same_moment_is_not_an_error():
+    """PostgreSQL reports a concurrent CREATE as a unique violation or as "already exists" (seen in CI:
+    two workers opening one new Optuna storage); any other failure stays an error."""
+    import sqlalchemy as sa
+
+    from pipeline.experiment.storage import created_meanwhile
+
+    duplicate = sa.exc.ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+    assert created_meanwhile(duplicate)
+    assert created_meanwhile(sa.exc.IntegrityError("CREATE TYPE", {}, Exception("duplicate key value")))
+    assert not created_meanwhile(sa.exc.ProgrammingError("SELECT", {}, Exception('relation "x" does not exist')))
+    assert not created_meanwhile(sa.exc.OperationalError("connect", {}, Exception("connection refused")))

@@ -85,9 +85,9 @@ class Sweep:
         try:
             with store_lock(url), self.engine.begin() as conn:
                 METADATA.create_all(conn, checkfirst=True)
-        except (sa.exc.IntegrityError, sa.exc.ProgrammingError) as err:  # PostgreSQL has no lock around it:
-            if "already exists" not in str(err) and not isinstance(err, sa.exc.IntegrityError):
-                raise  # another worker created the table (or its type) at the same moment: it exists now
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError) as err:
+            if not storage.created_meanwhile(err):  # else another worker created it just now: it exists
+                raise
 
     def _where(self, *clauses):
         return sa.and_(CELLS.c.sweep == self.name, *clauses)

@@ -105,3 +105,11 @@ def store_lock(uri: str):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def created_meanwhile(err: Exception) -> bool:
+    """Whether a failed CREATE means that another worker created the same table (or its type) at the same
+    moment, so that it exists now: PostgreSQL has no lock around it, and says so as a unique violation on
+    its catalog or as "already exists"."""
+    return isinstance(err, sa.exc.IntegrityError) or (isinstance(err, sa.exc.ProgrammingError)
+                                                      and "already exists" in str(err))

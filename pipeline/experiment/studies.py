@@ -67,9 +67,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                     return optuna.storages.RDBStorage(sqlalchemy_url, heartbeat_interval=HEARTBEAT_S,
                                                       grace_period=storage.GRACE_PERIOD_S,
                                                       heartbeat_stale_trial_callback=retry_stale_trial)
-        except sqlalchemy.exc.IntegrityError:  # PostgreSQL: another worker created Optuna's tables at the
-            time.sleep(1 + attempt)  # same moment (no lock for a server); they exist now: open them
-        except Exception as err:  # SQLAlchemy's errors for a bad URL or an unreachable database
+        except Exception as err:
+            if storage.created_meanwhile(err):  # PostgreSQL: another worker created Optuna's tables at the
+                time.sleep(1 + attempt)  # same moment; they exist now: open them
+                continue
+            # SQLAlchemy's errors for a bad URL or an unreachable database
             raise ConfigError(f"--storage: cannot open {hide_password(url)!r}: "
                               f"{scrub(str(err).splitlines()[0], url)}") from None
     raise ConfigError(f"--storage: cannot open {hide_password(url)!r}: its tables are still being created by "
