@@ -28,7 +28,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
-SHOWN = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
 DIRECTIVE = re.compile(r"^!results (\S+)(?: (\S+))?[ \t]*$", re.M)
 
 
@@ -372,28 +371,16 @@ def _config(data: dict):
 
 
 def compare_tables(data: dict) -> dict[str, str]:
-    """``{attack: its Markdown table}``: each cell accuracy / SR / AD / DR / FPR, as ``auror compare`` writes."""
-    from pipeline.attacks import REGISTRY as ATTACKS
+    """``{attack: its Markdown table}``, as ``auror compare`` writes them (its own functions)."""
+    from pipeline.experiment.compare import attack_kind, attack_table
 
     cfg = _config(data)
     seeds = max(m["seeds"] for t in data["results"].values() for row in t.values() for m in row.values())
     out = {}
     for attack, table in data["results"].items():
         settings = list(dict.fromkeys(label for row in table.values() for label in row))
-        kind = {"source_to_target": f"targeted, {cfg.attack.source_class} -> {cfg.attack.target_class}",
-                "backdoor": f"backdoor, target {cfg.attack.target_class}", "accuracy_drop": "untargeted: success is AD"}
-        metric = ATTACKS[attack](getattr(cfg.attack, attack), cfg.attack).success_metric
-        lines = [f"**{attack}** ({kind[metric]}); each cell: accuracy / SR / AD / DR / FPR", "",
-                 "| defense | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-        for arm, row in table.items():
-            cells = []
-            for label in settings:
-                m = row.get(label)
-                cells.append("" if m is None else " / ".join(_fmt(m[k]) for k in SHOWN)
-                             + (f" ({m['seeds']} seed{'s' if m['seeds'] > 1 else ''})" if m["seeds"] < seeds else ""))
-            label = {"benign": "benign (no attack)", "attack": "none (attack, no defense)"}.get(arm, arm)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        out[attack] = "\n".join(lines) + "\n"
+        caption = f"**{attack}** ({attack_kind(attack, cfg)}); each cell: accuracy / SR / AD / DR / FPR"
+        out[attack] = "\n".join([caption, "", *attack_table(table, settings, seeds, 3)]) + "\n"
     return out
 
 

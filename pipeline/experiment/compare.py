@@ -176,24 +176,9 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
              "false-positive rate (AUROR: of its flags, once per run; defenses that leave users out round by "
              "round: averaged over rounds; `-` for aggregators that leave nobody out).", ""]
     for attack, table in tables.items():
-        settings = shown[attack]
-        if not settings:
-            continue
-        kind = {"source_to_target": f"targeted, {cfg.attack.source_class} -> {cfg.attack.target_class}",
-                "backdoor": f"backdoor, target {cfg.attack.target_class}", "accuracy_drop": "untargeted: success is AD"}
-        metric = ATTACKS[attack](getattr(cfg.attack, attack), cfg.attack).success_metric  # this config's variant
-        lines += [f"## {attack} ({kind[metric]})", "",
-                  "| defense | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-        for arm, row in table.items():
-            cells = []
-            for label in settings:
-                m = row.get(label)
-                partial = m is not None and m["seeds"] < len(seeds)
-                cells.append("" if m is None else " / ".join("-" if m[k] is None else f"{m[k]:.{d}f}" for k in SHOWN)
-                             + (f" ({m['seeds']} seed{'s' if m['seeds'] > 1 else ''})" if partial else ""))
-            label = {"benign": "benign (no attack)", "attack": "none (attack, no defense)"}.get(arm, arm)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+        if shown[attack]:
+            lines += [f"## {attack} ({attack_kind(attack, cfg)})", "",
+                      *attack_table(table, shown[attack], len(seeds), d), ""]
     if partial:
         lines += [f"A cell marked (n seeds) is the mean over the n of seeds {', '.join(map(str, seeds))} only: "
                   "its remaining cells have not run yet (the same `auror compare` command resumes them).", ""]
@@ -207,6 +192,29 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     md = _file(stem, ".md")
     md.write_text("\n".join(lines))
     return md
+
+
+def attack_kind(attack: str, cfg: Config) -> str:
+    """How a report names an attack's kind, for this config's variant of it (ALIE's can be a backdoor)."""
+    kinds = {"source_to_target": f"targeted, {cfg.attack.source_class} -> {cfg.attack.target_class}",
+             "backdoor": f"backdoor, target {cfg.attack.target_class}", "accuracy_drop": "untargeted: success is AD"}
+    return kinds[ATTACKS[attack](getattr(cfg.attack, attack), cfg.attack).success_metric]
+
+
+def attack_table(table: dict[str, dict], settings: list[str], num_seeds: int, decimals: int) -> list[str]:
+    """One attack's Markdown table: a row per arm, a column per setting; a cell is accuracy / SR / AD / DR /
+    FPR, marked "(n seeds)" when it holds fewer than ``num_seeds``."""
+    lines = ["| defense | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for arm, row in table.items():
+        cells = []
+        for label in settings:
+            m = row.get(label)
+            partial = m is not None and m["seeds"] < num_seeds
+            cells.append("" if m is None else " / ".join("-" if m[k] is None else f"{m[k]:.{decimals}f}" for k in SHOWN)
+                         + (f" ({m['seeds']} seed{'s' if m['seeds'] > 1 else ''})" if partial else ""))
+        label = {"benign": "benign (no attack)", "attack": "none (attack, no defense)"}.get(arm, arm)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Path, title: str) -> Path:
