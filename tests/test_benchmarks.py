@@ -78,3 +78,14 @@ def test_startup_benchmark_runs(capsys):
     times = load("bench_startup").main(["--repeats", "1"])
     assert set(times) >= {'python -c "import torch"', "auror defenses", "auror run --arms bogus"}
     assert "x the torch import" in capsys.readouterr().out
+
+
+def test_auror_guard_benchmark_times_both_arms_and_the_recovery(capsys, monkeypatch):
+    from tests.conftest import TINY
+
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
+    figures = load("bench_auror_guard").main(
+        ["--params", str(BENCHMARKS.parent / "params.yaml"), *(a for o in TINY for a in ("--set", o)),
+         "--set", "defense.auror_guard.window_rounds=2", "--set", "defense.auror_guard.redetect_every=2"])
+    assert figures["attack"] > 0 and figures["auror_guard"] > 0 and figures["rounds_retrained"] >= 2
+    assert "x the undefended arm (goal <= 1.2)" in capsys.readouterr().out

@@ -14,12 +14,18 @@ of how close to the honest distribution it stays.
 AUROR decides once, from the updates of its first ``window_rounds`` rounds.
 ``stealth_rounds > 0`` uses that: the attacker stays within the spread for
 those rounds only and uploads its whole boosted update after them (0: within
-the spread in every round).
+the spread in every round). Against a defense that decides again every N
+rounds (``auror_guard``'s ``redetect_every``) from the last ``window_rounds``,
+``redetect_every = N`` makes the attacker stealthy in every evidence window
+(rounds ``K + jN - K + 1 .. K + jN``, ``K = stealth_rounds``) and unbounded
+only between them; with N <= K the windows tile the rounds and it is never
+unbounded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pipeline.lazy import torch
 
@@ -43,6 +49,8 @@ class AurorAdaptiveParams(AttackParams):
     spread: float = 1.0  # how far from the honest mean, in honest standard deviations per coordinate
     max_shift: float = 0.0  # an absolute bound per coordinate as well (e.g. below AUROR's alpha); 0: none
     stealth_rounds: int = 3  # within the spread in rounds 1..stealth_rounds only (AUROR's window), unbounded after; 0: always
+    redetect_every: int = 0  # the defense's re-detection period: within the spread in each of its windows; 0: once
+    unkeyed_defaults: ClassVar[dict] = {"redetect_every": 0}
 
     def validate(self, key: str) -> None:
         check(finite_number(self.spread) and self.spread >= 0, f"{key}.spread", "must be a finite number >= 0",
@@ -51,6 +59,20 @@ class AurorAdaptiveParams(AttackParams):
               "must be a finite number >= 0 (0: no absolute bound)", self.max_shift)
         check(self.stealth_rounds >= 0, f"{key}.stealth_rounds", "must be >= 0 (0: every round)",
               self.stealth_rounds)
+        check(isinstance(self.redetect_every, int) and self.redetect_every >= 0, f"{key}.redetect_every",
+              "must be an integer >= 0 (0: the defense decides once)", self.redetect_every)
+
+
+def stealthy(round_: int, window: int, every: int) -> bool:
+    """Whether round ``round_`` lies in an evidence window of a defense deciding at rounds ``window``,
+    ``window + every``, ... (``every = 0``: at ``window`` only) from the last ``window`` rounds;
+    ``window = 0``: every round."""
+    if window == 0 or round_ <= window:
+        return True
+    if every == 0:
+        return False
+    end = round_ + (window - round_) % every  # the next decision
+    return end - round_ < window
 
 
 @register
@@ -65,6 +87,7 @@ class AurorAdaptive(LabelFlip):
         "attack.auror_adaptive.spread": (0.1, 4.0, True, False),
         "attack.auror_adaptive.max_shift": (0.0, 0.05, False, False),
         "attack.auror_adaptive.stealth_rounds": (0, 10, False, True),
+        "attack.auror_adaptive.redetect_every": (0, 10, False, True),
         "attack.poisoned_fraction": (0.1, 1.0, False, False),
         "attack.boost": (1.0, 10.0, True, False),
         "attack.malicious_epochs": (1, 5, False, True),
@@ -76,6 +99,6 @@ class AurorAdaptive(LabelFlip):
         return int(cls.search_ranges["attack.auror_adaptive.stealth_rounds"][1]) + 2
 
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
-        if 0 < self.params.stealth_rounds < updates.round:
+        if not stealthy(updates.round, self.params.stealth_rounds, self.params.redetect_every):
             return updates.own
         return within_spread(updates.own, updates.honest, self.params.spread, self.params.max_shift)

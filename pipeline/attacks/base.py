@@ -40,6 +40,11 @@ ACCURACY_DROP = "accuracy_drop"  # untargeted: the benign arm's accuracy minus t
 class AttackParams:
     """Base of an attack's parameters (subclass it as a dataclass)."""
 
+    # fields added after results were recorded, with the values that behave as before they existed: while
+    # every one holds that value they are left out of a cell's key (grid.cell_config), so the recorded
+    # results of the same behaviour are still found; any other value keys them all
+    unkeyed_defaults: ClassVar[dict[str, Any]] = {}
+
     def validate(self, key: str) -> None:
         """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``attack.<name>``.
         NaN and +-inf in a float field are refused after it, for every plug-in (``check_finite_fields``)."""

@@ -117,6 +117,9 @@ class CollaborativeLoop:
     checkpoint: Checkpoint | None = None
     # where the model, the data and the server's tensors live (see select_device)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # recoveries: the rounds trained again, and the models they may go back to (round -> global, local)
+    rounds_retrained: int = 0
+    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.module.to(self.device)
@@ -176,7 +179,12 @@ class CollaborativeLoop:
             first = state["round"] + 1
             log.info("  resumed after round %d from %s", state["round"], self.checkpoint.path)
         quota = num_kept(protocol.theta_u, global_params.numel())
-        for round_ in range(first, self.rounds + 1):
+        depth = getattr(self.defense, "rewind_rounds", 0)  # how far back a recovery may send the global model
+        round_ = first
+        while round_ <= self.rounds:
+            if depth:  # the models a recovery may go back to: after rounds round_ - depth .. round_ - 1
+                self.snapshots[round_ - 1] = (global_params, local_params if protocol.theta_d < 1 else None)
+                self.snapshots = {r: m for r, m in self.snapshots.items() if r >= round_ - depth}
             # client side: download, train locally, upload a masked update
             generator = seeded_generator(self.seed, round_, PROTOCOL_STREAM)
             start = download_merge(global_params, local_params, protocol.theta_d, generator)
@@ -196,6 +204,10 @@ class CollaborativeLoop:
                 decision = Aggregate(aggregate_per_coordinate(uploads.updates, present_rows(uploads.updates)))
             else:
                 decision = self.defense.aggregate(uploads)
+            if decision.rewind_to is not None:
+                global_params, local_params = self.rewind(round_, decision.rewind_to, global_params, local_params)
+                round_ = decision.rewind_to + 1
+                continue
             excluded = present_rows(uploads.updates) & (decision.excluded if decision.excluded is not None else False)
             self.excluded.append(user_ids[excluded].tolist())
             step = decision.step
@@ -218,9 +230,31 @@ class CollaborativeLoop:
                 cb.on_round_end(self, round_, metrics)
             if self.checkpoint is not None:  # after the callbacks: a resumed run never skips their round
                 self.checkpoint.save(self.state_dict(round_, global_params, local_params))
+            round_ += 1
         for cb in self.callbacks:
             cb.on_run_end(self)
         return self.evaluate()
+
+    def rewind(self, round_: int, back: int, global_params: torch.Tensor,
+               local_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recovery at ``round_``: the global (and local) parameters as they were after round ``back``, whose
+        later rounds are forgotten (history, exclusions) and trained again; returns those parameters."""
+        if back not in self.snapshots:
+            raise RuntimeError(f"the defense asked to go back to round {back} at round {round_}, beyond the "
+                               f"{len(self.snapshots)} rounds it declared (rewind_rounds)")
+        saved_global, saved_local = self.snapshots[back]
+        self.snapshots = {r: m for r, m in self.snapshots.items() if r <= back}
+        global_params = saved_global.to(self.device)
+        local_params = saved_local.to(self.device) if saved_local is not None else local_params
+        vector_to_parameters(global_params.clone(), self.module.parameters())
+        self.history[:] = [h for h in self.history if h["round"] <= back]
+        del self.excluded[back:]
+        self.rounds_retrained += round_ - back
+        log.info("  round %d: recovery: back to the global model of round %d; rounds %d-%d trained again "
+                 "without the flagged users", round_, back, back + 1, round_)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.state_dict(back, global_params, local_params))
+        return global_params, local_params
 
     def state_dict(self, round_: int, global_params: torch.Tensor, local_params: torch.Tensor) -> dict[str, Any]:
         """Everything the rounds after ``round_`` depend on. Their random streams
@@ -237,6 +271,8 @@ class CollaborativeLoop:
             "excluded": self.excluded,
             "defense": self.defense.state_dict() if self.defense is not None else {},
             "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "snapshots": self.snapshots,
+            "rounds_retrained": self.rounds_retrained,
         }
 
     def load_state_dict(self, state: dict[str, Any], local_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,5 +291,7 @@ class CollaborativeLoop:
             self.defense.load_state_dict(state["defense"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
+        self.snapshots = dict(state.get("snapshots", {}))  # absent from checkpoints of earlier versions
+        self.rounds_retrained = state.get("rounds_retrained", 0)
         saved_local = state["local_params"]
         return global_params, saved_local.to(self.device) if saved_local is not None else local_params

@@ -47,10 +47,15 @@ class Aggregate:
     share in the step (rows of the uploads, summing to 1 over the users that
     count; 0: left out), or ``None`` for a rule that weighs coordinates, not
     users (median, trimmed mean): such a rule excludes nobody.
+
+    ``rewind_to``: a recovery. The step is discarded, the global model goes back to its state after
+    that round (0: the initial model), and the rounds after it are trained again; the defense
+    declares how far back it may ask in ``rewind_rounds``.
     """
 
     step: torch.Tensor  # (parameters,)
     weights: torch.Tensor | None = None  # (users,)
+    rewind_to: int | None = None
 
     @property
     def excluded(self) -> torch.Tensor | None:

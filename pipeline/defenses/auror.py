@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from pipeline.lazy import torch
@@ -137,10 +138,47 @@ def window_mean(window: torch.Tensor) -> torch.Tensor:
 
 ALPHA_MODES = ("absolute", "quantile")
 WINDOW_REDUCES = ("mean", "stack")
+RECOVERIES = ("none", "restart")
+THRESHOLDS = ("tau", "gap")
 # Optuna's search ranges; alpha's depends on how it is read: low, high, log scale
 ALPHA_RANGES = {"absolute": (1e-3, 0.5, True), "quantile": (0.5, 0.999, False)}
 TAU_RANGE = (0.1, 0.9)
+GAP_RANGE = (0.25, 4.0)
 MAX_WINDOW_ROUNDS = 10
+
+
+def separated_minority(scores: np.ndarray, min_gap: float, min_ratio: float) -> np.ndarray:
+    """The gap rule's split (bool (users,)). A split of the sorted scores qualifies when it leaves fewer than
+    half the users above it, its gap is at least ``min_gap`` times the range of the scores below it, and the
+    lowest score above it is at least ``min_ratio`` times the highest below it (both counted as at least
+    ``GAP_FLOOR``); the users above the qualifying split with the widest relative gap are flagged, nobody
+    when none qualifies. Scores have no level that holds across runs (under label skew honest users score
+    0.06-0.71 with nobody attacking, attackers 0.01-0.76 beside honest users below 0.06: docs/auror_guard.md),
+    so the rule asks for a minority that stands apart from the rest; with few users (7 honest ones left under
+    label skew) a continuum of scores has wide gaps by chance, but not a 4-fold jump (3.0 seen; attackers 4.6 and more)."""
+    ordered = np.sort(scores)
+    flagged = np.zeros(len(scores), dtype=bool)
+    if len(scores) < 3:
+        return flagged
+    splits = np.arange(len(scores) // 2, len(scores) - 1)  # after ordered[i]: fewer than half above
+    below, above = ordered[splits], ordered[splits + 1]
+    gap = (above - below) / np.maximum(below - ordered[0], GAP_FLOOR)
+    qualifies = (gap >= min_gap) & (above >= min_ratio * np.maximum(below, GAP_FLOOR))
+    if qualifies.any():
+        flagged = scores > below[qualifies][np.argmax(gap[qualifies])]
+    return flagged
+
+
+GAP_FLOOR = 0.01  # a tight lower group (honest users near 0) is as wide and as high as this at least
+
+
+def gap_flags(detector: "Auror", min_gap: float, min_ratio: float, min_indicative: float) -> np.ndarray:
+    """The gap rule on a fitted detector: :func:`separated_minority` of its scores, when at least
+    ``min_indicative`` of the features are indicative; nobody otherwise (honest IID windows have 0-2
+    indicative features of 109,386 on MNIST, each user's score then 0, 0.5 or 1 by chance)."""
+    if detector.indicative_.sum() < min_indicative * detector.indicative_.size:
+        return np.zeros(len(detector.scores_), dtype=bool)
+    return separated_minority(detector.scores_, min_gap, min_ratio)
 
 
 @dataclass
@@ -153,6 +191,15 @@ class AurorParams(DefenseParams):
     window_rounds: int = 3
     # "mean": one feature per parameter, averaged over the window; "stack": one feature per (round, parameter)
     window_reduce: str = "mean"
+    # the policy around the detector; these defaults are the paper's (auror_guard's differ)
+    redetect_every: int = 0  # 0: decide once, at round window_rounds; N: again every N rounds after it
+    recovery: str = "none"  # none | restart: on new flags, retrain from the model before the evidence window
+    threshold: str = "tau"  # tau: flag scores > tau (the paper) | gap: flag a minority whose scores stand apart
+    min_gap: float = 1.0  # gap rule: the gap above the others, in units of their range
+    min_ratio: float = 4.0  # gap rule: the lowest flagged score over the highest unflagged one
+    min_indicative: float = 0.01  # gap rule: decide only when at least this fraction of the features is indicative
+    unkeyed_defaults: ClassVar[dict] = {"redetect_every": 0, "recovery": "none", "threshold": "tau", "min_gap": 1.0,
+                                        "min_ratio": 4.0, "min_indicative": 0.01}
 
     def validate(self, key: str) -> None:
         check(self.alpha_mode in ALPHA_MODES, f"{key}.alpha_mode", f"must be one of {', '.join(ALPHA_MODES)}",
@@ -166,6 +213,18 @@ class AurorParams(DefenseParams):
         check(self.window_rounds >= 1, f"{key}.window_rounds", "must be >= 1", self.window_rounds)
         check(self.window_reduce in WINDOW_REDUCES, f"{key}.window_reduce",
               f"must be one of {', '.join(WINDOW_REDUCES)}", self.window_reduce)
+        check(isinstance(self.redetect_every, int) and self.redetect_every >= 0, f"{key}.redetect_every",
+              "must be an integer >= 0 (0: decide once)", self.redetect_every)
+        check(self.recovery in RECOVERIES, f"{key}.recovery", f"must be one of {', '.join(RECOVERIES)}",
+              self.recovery)
+        check(self.threshold in THRESHOLDS, f"{key}.threshold", f"must be one of {', '.join(THRESHOLDS)}",
+              self.threshold)
+        check(finite_number(self.min_gap) and self.min_gap > 0, f"{key}.min_gap", "must be a finite number > 0",
+              self.min_gap)
+        check(finite_number(self.min_ratio) and self.min_ratio >= 1, f"{key}.min_ratio",
+              "must be a finite number >= 1", self.min_ratio)
+        check(finite_number(self.min_indicative) and 0 <= self.min_indicative < 1, f"{key}.min_indicative",
+              "must be in [0, 1)", self.min_indicative)
 
 
 @register
@@ -173,61 +232,119 @@ class AurorDefense(Defense):
     """AUROR as the paper describes it: every parameter of every layer is a
     feature; detection once, at the end of round ``window_rounds``, from the
     updates of rounds 1..K (``window_reduce``); the flagged users are left out
-    of every later aggregate (the per-coordinate mean of the others)."""
+    of every later aggregate (the per-coordinate mean of the others).
+
+    The policy around the detector (``auror_guard`` sets all three):
+
+    - ``redetect_every = N > 0``: it decides again at rounds K + N, K + 2N, ..., each time from the
+      updates of the last K rounds and among the users not flagged yet. A flag is never lifted: a user
+      flagged once has shown the attack, and a flag it could shed by behaving for a window would let it
+      choose when to attack again;
+    - ``recovery = restart``: on a new flag at round t, the global model goes back to its state after
+      round t - K (before the evidence window; round 0, the initial model, at the first window) and
+      rounds t - K + 1.. are trained again without every flagged user (the paper's "train the final
+      global model" without them). The loop counts the rounds trained again (``rounds_retrained``);
+    - ``threshold = gap``: flag a minority whose scores stand apart from the others'
+      (:func:`separated_minority`), instead of every score above ``tau``.
+    """
 
     name = "auror"
     summary = "AUROR (Shen et al. 2016): 2-means on every parameter, flag users in the minority of > tau indicative ones"
     Params = AurorParams
-    search_ranges = {"tau": TAU_RANGE + (False,)}  # and alpha_mode, alpha, window_rounds: search_space
+    search_ranges = {"tau": TAU_RANGE + (False,), "min_gap": GAP_RANGE + (True,)}  # and alpha_mode, alpha,
+    # window_rounds: search_space (tau or min_gap, by the threshold rule)
     flags = "run"
     handles_missing = True
 
     def __init__(self, params: AurorParams, server) -> None:
         super().__init__(params, server)
-        self._window: list[torch.Tensor] = []
-        self.detection: dict = {"detection_round": None, "flagged_users": []}
+        self._window: list[tuple[int, torch.Tensor]] = []  # (round, uploads) of the rounds the next decision reads
+        self.detections: list[dict] = []  # one entry per decision
+        self.detection: dict = {"detection_round": None, "flagged_users": [], "detections": self.detections}
+
+    @property
+    def rewind_rounds(self) -> int:
+        """How many rounds back the loop must be able to rewind the global model (0: never)."""
+        return self.params.window_rounds if self.params.recovery == "restart" else 0
+
+    def _next_decision(self, round_: int) -> int | None:
+        """The first round >= ``round_`` at which AUROR will decide (``None``: it will not again)."""
+        k, every = self.params.window_rounds, self.params.redetect_every
+        if round_ <= k:
+            return k if every or not self.detections else None
+        return round_ + (-(round_ - k)) % every if every else None
 
     def aggregate(self, uploads: Uploads) -> Aggregate:
-        if uploads.round <= self.params.window_rounds:
-            self._window.append(uploads.updates)
-            if uploads.round == self.params.window_rounds:
-                self._detect(uploads)
+        p, round_ = self.params, uploads.round
+        decision = self._next_decision(round_)
+        rewind = None
+        if decision is not None and decision - round_ < p.window_rounds:
+            self._window = [(r, u) for r, u in self._window if r > decision - p.window_rounds] + [
+                (round_, uploads.updates)]
+            if decision == round_ and len(self._window) == p.window_rounds:
+                new = self._detect(uploads)
+                if new and p.recovery == "restart":
+                    rewind, self._window = round_ - p.window_rounds, []
         flagged = torch.tensor(sorted(self.flagged), dtype=torch.long, device=uploads.user_ids.device)
         accepted = present_rows(uploads.updates) & ~torch.isin(uploads.user_ids, flagged)
-        return Aggregate(aggregate_per_coordinate(uploads.updates, accepted), accepted / accepted.sum().clamp(min=1))
+        return Aggregate(aggregate_per_coordinate(uploads.updates, accepted), accepted / accepted.sum().clamp(min=1),
+                         rewind_to=rewind)
 
     def report(self) -> dict:
         return self.detection
 
     def state_dict(self) -> dict:
-        return {"window": list(self._window), "flagged": sorted(self.flagged), "detection": self.detection}
+        return {"window": [[r, u] for r, u in self._window], "flagged": sorted(self.flagged),
+                "detection": self.detection}
 
     def load_state_dict(self, state: dict) -> None:
-        self._window = list(state["window"])
+        # a checkpoint of an earlier version holds the tensors of rounds 1.. only
+        self._window = [tuple(e) if isinstance(e, (list, tuple)) else (i + 1, e) for i, e in enumerate(state["window"])]
         self.flagged = set(state["flagged"])
         self.detection = state["detection"]
+        self.detections = self.detection.setdefault("detections", [])
 
-    def _detect(self, uploads: Uploads) -> None:
+    def _detect(self, uploads: Uploads) -> set[int]:
+        """Decide from the window among the users not flagged yet; returns the users it flags now."""
         p = self.params
         # (rounds, users, parameters); NaN: not uploaded (or left out). Rounds restored from a checkpoint are on the CPU
-        window = torch.stack([w.to(uploads.updates.device) for w in self._window])
-        self._window = []
+        window = torch.stack([u.to(uploads.updates.device) for _, u in self._window])
+        if p.redetect_every == 0:
+            self._window = []  # no later decision reads it
+        ids = uploads.user_ids.tolist()
+        judged = [i for i, u in enumerate(ids) if u not in self.flagged]
+        if len(judged) < 2:
+            return set()
+        if len(judged) < len(ids):
+            window = window[:, judged]
         # a user absent from every window round gets an all-NaN row: no feature, score 0, never flagged
         features = window_mean(window) if p.window_reduce == "mean" else window.permute(1, 0, 2).flatten(1)
         d = Auror(p.alpha, p.tau, p.alpha_mode).fit(features)
-        ids = uploads.user_ids.tolist()
-        self.flagged = {ids[i] for i in d.flagged_.nonzero()[0]}
-        self.detection = {
-            "detection_round": uploads.round,
-            "flagged_users": sorted(self.flagged),
-            "scores": {str(u): round(float(s), 4) for u, s in zip(ids, d.scores_)},
-            "threshold": d.threshold_,
-            "num_features": int(d.indicative_.size),
+        flags = d.flagged_ if p.threshold == "tau" else gap_flags(d, p.min_gap, p.min_ratio, p.min_indicative)
+        judged_ids = [ids[i] for i in judged]
+        new = {judged_ids[i] for i in flags.nonzero()[0]}
+        self.flagged |= new
+        first = not self.detections
+        record = {
+            "round": uploads.round,
+            "window": [uploads.round - p.window_rounds + 1, uploads.round],
+            "flagged_users": sorted(new),
+            "scores": {str(u): round(float(s), 4) for u, s in zip(judged_ids, d.scores_)},
             "num_indicative_features": int(d.indicative_.sum()),
         }
+        self.detections.append(record)
+        if first:
+            self.detection.update({
+                "detection_round": uploads.round,
+                "scores": record["scores"],
+                "threshold": d.threshold_,
+                "num_features": int(d.indicative_.size),
+                "num_indicative_features": record["num_indicative_features"],
+            })
+        self.detection["flagged_users"] = sorted(self.flagged)
         log.info("  AUROR at round %d: %d of %d features indicative, flagged users %s", uploads.round,
-                 d.indicative_.sum(), d.indicative_.size, sorted(self.flagged) or "none")
-
+                 d.indicative_.sum(), d.indicative_.size, sorted(new) or "none")
+        return new
     @classmethod
     def check_config(cls, params: AurorParams, cfg, key: str) -> None:
         super().check_config(params, cfg, key)
@@ -242,10 +359,11 @@ class AurorDefense(Defense):
         low, high, log_scale = ALPHA_RANGES[mode]
         # one alpha parameter per mode: the two ranges are different quantities
         alpha = trial.suggest_float(f"{key}.alpha[{mode}]", low, high, log=log_scale)
-        tau = trial.suggest_float(f"{key}.tau", *TAU_RANGE)
         window = trial.suggest_int(f"{key}.window_rounds", 1, min(MAX_WINDOW_ROUNDS, cfg.training.rounds))
-        return [f"{key}.alpha_mode={mode}", f"{key}.alpha={alpha!r}", f"{key}.tau={tau!r}",
-                f"{key}.window_rounds={window}"]
+        chosen = [f"{key}.alpha_mode={mode}", f"{key}.alpha={alpha!r}", f"{key}.window_rounds={window}"]
+        if cfg.section(key).threshold == "gap":  # the rule that flags: its own knob
+            return chosen + [f"{key}.min_gap={trial.suggest_float(f'{key}.min_gap', *GAP_RANGE, log=True)!r}"]
+        return chosen + [f"{key}.tau={trial.suggest_float(f'{key}.tau', *TAU_RANGE)!r}"]
 
     @classmethod
     def warmup_rounds(cls, params: AurorParams, cfg) -> int:

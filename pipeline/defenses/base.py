@@ -24,6 +24,11 @@ from pipeline.core.server import Aggregate, ServerInputs, Uploads
 class DefenseParams:
     """Base of a defense's parameters (subclass it as a dataclass)."""
 
+    # fields added after results were recorded, with the values that behave as before they existed: while
+    # every one holds that value they are left out of a cell's key (grid.cell_config), so the recorded
+    # results of the same behaviour are still found; any other value keys them all
+    unkeyed_defaults: ClassVar[dict[str, Any]] = {}
+
     def validate(self, key: str) -> None:
         """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``defense.<name>``.
         NaN and +-inf in a float field are refused after it, for every plug-in (:func:`check_finite_fields`)."""

@@ -235,6 +235,8 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
         defense.flags, loop.defense.flagged, loop.excluded, data.malicious)
     detection = {"defense": name, "flags": defense.flags, "malicious_users": data.malicious.nonzero().flatten().tolist(),
                  **loop.defense.report()}
+    if getattr(loop.defense, "rewind_rounds", 0):  # a defense with recovery: what it cost
+        detection["rounds_retrained"] = loop.rounds_retrained
     if defense.flags == "round":
         detection["excluded_per_round"] = loop.excluded
     return ArmResult(arm, metrics, loop.history, detection, module, data.test_x[:1])

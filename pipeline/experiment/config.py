@@ -120,6 +120,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def section(self, name: str) -> Any:
+        """A plug-in's parameters by its section's name: ``defense.<name>`` or ``attack.<name>``."""
+        kind, plugin = name.split(".")
+        return getattr(getattr(self, kind), plugin)
+
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}`` (``defense.<name>.key``, ``attack.<name>.key`` for the plug-ins' sections),
         for MLflow params."""

@@ -65,8 +65,12 @@ class TrialReporter(Callback):
 
     def __init__(self, trial: optuna.Trial, kind: str, benign_accuracy: float) -> None:
         self.trial, self.kind, self.benign_accuracy = trial, kind, benign_accuracy
+        self.last_round = 0
 
     def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
+        if round_ <= self.last_round:  # trained again after a recovery: Optuna keeps a round's first value
+            return
+        self.last_round = round_
         self.trial.report(objective_value(self.kind, self.round_metrics(loop, metrics)), round_)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at round {round_}")
