@@ -9,8 +9,8 @@ Settings (the issue's), each timed in one run:
 The round is ``user_batches`` + ``train_users`` (one local epoch, batch 32);
 the updates the defenses aggregate are that round's real updates. A defense's
 step is one ``aggregate`` call on a fresh instance with its default
-parameters, in the round where it does the most work: AUROR with
-``window_rounds=1`` (it clusters every parameter and votes in that call),
+parameters, in the round where it does the most work: AUROR and ``auror_guard``
+with ``window_rounds=1`` (they cluster every parameter and vote in that call),
 FLPoison's AUROR in a round where it finds its indicative features, FoolsGold
 with its history, FLTrust with the server's root update already computed
 (training on its 100 root samples costs another ~1/600 of the round and is
@@ -61,7 +61,7 @@ def defense_step(name: str, updates: torch.Tensor, server: ServerInputs):
     """One server step of a fresh ``name`` defense on ``updates`` (round 1)."""
     cls = REGISTRY[name]
     params = cls.Params()
-    if name == "auror":
+    if name in ("auror", "auror_guard"):
         params = dataclasses.replace(params, window_rounds=1)  # detect in this very call
     uploads = Uploads(1, torch.arange(updates.shape[0], device=updates.device), updates)
 

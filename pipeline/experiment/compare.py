@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.attacks import REGISTRY as ATTACKS
+from pipeline.defenses import REGISTRY as DEFENSES
 from pipeline.core.metrics import accuracy_drop, attack_success
 from pipeline.experiment.arms import ARMS
 from pipeline.experiment.config import Config, ConfigError, check_name
@@ -173,8 +174,7 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
              "`auror_adaptive`: source-class test inputs classified as the target; backdoors: triggered test "
              "inputs of the other classes classified as the target; `-` for untargeted attacks, whose success "
              "is AD); AD: accuracy drop against the benign arm (same setting and seed); DR / FPR: detection / "
-             "false-positive rate (AUROR: of its flags, once per run; defenses that leave users out round by "
-             "round: averaged over rounds; `-` for aggregators that leave nobody out).", ""]
+             f"false-positive rate ({flag_definitions()}; `-` for aggregators that leave nobody out).", ""]
     for attack, table in tables.items():
         if shown[attack]:
             lines += [f"## {attack} ({attack_kind(attack, cfg)})", "",
@@ -192,6 +192,13 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     md = _file(stem, ".md")
     md.write_text("\n".join(lines))
     return md
+
+
+def flag_definitions() -> str:
+    """Which DR / FPR definition each defense's row uses (:attr:`~pipeline.defenses.base.Defense.flags`)."""
+    by_kind = {kind: ", ".join(name for name, d in DEFENSES.items() if d.flags == kind) for kind in ("run", "round")}
+    return (f"of the users flagged over the run, for {by_kind['run']} (`auror_noniid`: its last round's flags); "
+            f"averaged over rounds, for the defenses that leave users out round by round ({by_kind['round']})")
 
 
 def attack_kind(attack: str, cfg: Config) -> str:
