@@ -442,6 +442,47 @@ def headline_table(name: str = "compare_mnist", setting: str = "IID 30%") -> str
     return "\n".join(lines) + "\n"
 
 
+GOAL_ARMS = ("auror", "auror_guard", "multi_krum")
+
+
+def goal_table(arms: tuple[str, ...] = GOAL_ARMS) -> str:
+    """The README's reading of issue 29's goal: per goal row, each arm's worst cell of the MNIST matrix
+    (``compare_mnist.json``: every attack, every setting) and of the runs with nobody malicious
+    (``nobody-mnist.json``), and whether it meets the bound."""
+    from pipeline.attacks import REGISTRY as ATTACKS
+
+    compare = json.loads((REPORTS / "compare_mnist.json").read_text())
+    nobody = json.loads((REPORTS / "nobody-mnist.json").read_text())
+    cfg = _config(compare)
+    results = compare["results"]
+    kind = {a: ATTACKS[a](getattr(cfg.attack, a), cfg.attack).success_metric for a in results}
+
+    def worst(arm: str, value, tables: dict) -> float | None:
+        found = [value(attack, label, m, tables[attack]["benign"].get(label))
+                 for attack in tables for label, m in tables[attack].get(arm, {}).items()]
+        found = [v for v in found if v is not None]
+        return max(found) if found else None
+
+    rows = [
+        ("targeted SR - benign SR (label flipping, `auror_adaptive`, backdoors)", 0.05, results,
+         lambda a, label, m, b: None if kind[a] == "accuracy_drop" else m["attack_success_rate"] - b["attack_success_rate"]),
+        ("untargeted AD (ALIE, IPM, Min-Max)", 0.02, results,
+         lambda a, label, m, b: m["accuracy_drop"] if kind[a] == "accuracy_drop" else None),
+        ("FPR, every attack", 0.1, results, lambda a, label, m, b: m["false_positive_rate"]),
+        ("nobody malicious: FPR", 0.05, nobody["results"], lambda a, label, m, b: m["false_positive_rate"]),
+        ("nobody malicious: AD", 0.01, nobody["results"], lambda a, label, m, b: m["accuracy_drop"]),
+    ]
+    lines = ["| goal (worst cell, IID and Dirichlet(0.5), seeds 0-2) | bound | " + " | ".join(f"`{a}`" for a in arms)
+             + " |", "|---|---|" + "---|" * len(arms)]
+    for label, bound, tables, value in rows:
+        cells = []
+        for arm in arms:
+            v = worst(arm, value, tables)
+            cells.append("-" if v is None else f"{v:.3f} {'met' if v <= bound else 'not met'}")
+        lines.append(f"| {label} | {bound} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @cache
 def report_tables(name: str) -> dict[str | None, str]:
     """``{section: table}`` of ``reports/<name>.json`` (``None``: the report's one table)."""

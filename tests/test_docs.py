@@ -263,6 +263,12 @@ def test_the_readme_headline_table_is_the_comparison_report():
     assert hooks.headline_table() in README
 
 
+def test_the_readme_reads_auror_guard_against_its_goal_from_the_reports():
+    table = hooks.goal_table()
+    assert table in README
+    assert len(table.splitlines()) == 2 + 5 and all("met" in line for line in table.splitlines()[2:])
+
+
 def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     """In a scratch folder: it writes reports/ and mlruns/ where it runs."""
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
