@@ -288,3 +288,12 @@ def test_a_users_problem_with_a_root_set_is_still_the_users():
     cfg = load_config(None, ["users.partition=dirichlet", "users.dirichlet_alpha=0.01", "users.min_samples=100"])
     with pytest.raises(ConfigError, match="^users.partition: "):
         DataCache().get(cfg, "fltrust")
+
+
+def test_mlflows_file_store_is_accepted_when_mlflow_is_told_to_take_it(monkeypatch):
+    """Refused in one line otherwise (docs/bad_inputs.md row 90): MLflow itself would raise after the data loads."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert load_config(None, ["tracking.tracking_uri=file:///tmp/mlruns"]).tracking.tracking_uri == "file:///tmp/mlruns"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+        load_config(None, ["tracking.tracking_uri=file:///tmp/mlruns"])

@@ -142,6 +142,8 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 DATASETS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "gtsrb": 43, "cifar10": 10}  # name -> number of classes
+# the tracking stores MLflow opens (its own list, less the bare path); file: only with MLFLOW_ALLOW_FILE_STORE
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
 PARTITIONS = ("iid", "dirichlet")
 UPLOAD_SELECTIONS = ("largest", "random")
@@ -257,6 +259,14 @@ def validate(cfg: Config) -> Config:
     _check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
     _check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",
            "must be a URI with a scheme, e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
+    scheme = tr.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2: postgresql
+    if scheme == "file":  # MLflow's file store refuses new runs unless told (its maintenance mode)
+        _check(os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true", "tracking.tracking_uri",
+               "MLflow's file store takes new runs only with MLFLOW_ALLOW_FILE_STORE=true set; use "
+               "sqlite:///<file> (the default: sqlite:///mlruns/mlflow.db)", tr.tracking_uri)
+    _check(scheme in TRACKING_SCHEMES, "tracking.tracking_uri",
+           f"must name one of MLflow's stores ({', '.join(f'{s}:' for s in TRACKING_SCHEMES)}), "
+           "e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
     for key in ("artifact_dir", "reports_dir"):
         _check(bool(getattr(tr, key).strip()), f"tracking.{key}", "must not be empty", getattr(tr, key))
     return cfg
