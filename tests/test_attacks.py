@@ -21,7 +21,7 @@ from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.server import RoundUpdates
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import ConfigError, load_config
-from pipeline.experiment.arms import MODELS, build_datamodule, run_arm
+from pipeline.experiment.arms import build_datamodule, build_model, run_arm
 from pipeline.experiment.compare import compare_grid
 from tests.conftest import TINY
 
@@ -168,7 +168,7 @@ def test_model_replacement_scales_by_users_over_attackers():
 def test_the_anomaly_term_pulls_the_update_towards_the_global_model():
     cfg = load_config(None, TINY)
     data = build_datamodule(cfg, poison=False)
-    module = MODELS["digits"](cfg, data)
+    module = build_model(cfg, data)
     start = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
     schedule = user_batches(data.user_indices, [2] * 5, 32, 0, 1)
     args = (module, start, data.train_x, data.train_y, schedule, torch.ones(5))

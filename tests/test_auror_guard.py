@@ -16,7 +16,7 @@ from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, ServerInputs, Uploads, present_rows
 from pipeline.defenses import REGISTRY
 from pipeline.defenses.auror import AurorDefense, AurorParams, separated_minority
-from pipeline.experiment.arms import MODELS, build_datamodule, make_attack, run_arm, user_behaviour
+from pipeline.experiment.arms import build_datamodule, build_model, make_attack, run_arm, user_behaviour
 from pipeline.experiment.config import ConfigError, load_config, with_overrides
 from pipeline.experiment.grid import DIRICHLET, IID, cell_key
 from tests.conftest import TINY
@@ -50,7 +50,7 @@ def build_loop(cfg, make_defense, checkpoint=None, callbacks=()):
     attack = make_attack(cfg)
     attack.setup(data.train_x)
     torch.manual_seed(cfg.seed)
-    module = MODELS[cfg.data.name](cfg, data)
+    module = build_model(cfg, data)
     return CollaborativeLoop(module, data, user_behaviour(cfg, attack, data.malicious, True), cfg.training.rounds,
                              cfg.training.batch_size, cfg.seed, attack, cfg.protocol, make_defense=make_defense,
                              checkpoint=checkpoint, callbacks=list(callbacks))

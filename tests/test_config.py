@@ -2,6 +2,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
@@ -297,3 +299,22 @@ def test_mlflows_file_store_is_accepted_when_mlflow_is_told_to_take_it(monkeypat
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
     with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
         load_config(None, ["tracking.tracking_uri=file:///tmp/mlruns"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.model=vgg"], "training.model: must be one of auto, mlp, cnn, lenet5, resnet8, got 'vgg'"),
+    (["training.model=lenet5"], "training.model: lenet5 takes 1x28x28 images (mnist, fashion_mnist), not "
+                                "data.name=digits's, got 'lenet5'"),
+    (["data.name=mnist", "training.model=resnet8"], "training.model: resnet8 takes 3x32x32 images (gtsrb, cifar10)"),
+])
+def test_a_model_that_does_not_take_the_datasets_images_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_training_model_auto_leaves_the_recorded_cells_keys_as_they_were():
+    from pipeline.experiment.grid import cell_key
+
+    cfg = load_config(None, [])
+    assert cell_key(cfg, "auror") == cell_key(load_config(None, ["training.model=auto"]), "auror")
+    assert cell_key(cfg, "auror") != cell_key(load_config(None, ["training.model=mlp"]), "auror")

@@ -118,7 +118,7 @@ def test_each_defense_runs_with_a_convolutional_net(defense, monkeypatch):
     root update included) works with every defense, as on GTSRB."""
     monkeypatch.setitem(arms_module.DATAMODULES, "digits",
                         lambda cfg, **kw: DigitsAsImages(test_fraction=cfg.data.test_fraction, **kw))
-    monkeypatch.setitem(arms_module.MODELS, "digits",
+    monkeypatch.setitem(arms_module.MODELS, "mlp",
                         lambda cfg, data: CNNClassifier(10, input_shape=(1, 16, 16), channels=(4, 8), hidden_size=16))
     cfg = load_config(None, [*TINY, "training.rounds=2", "data.test_fraction=0.8"])  # 72 samples a user: quick
     result = run_arm(cfg, defense)

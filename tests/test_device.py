@@ -13,7 +13,7 @@ from torch.nn.utils import parameters_to_vector
 from pipeline.defenses.auror import Auror
 from pipeline.core.checkpoint import Checkpoint
 from pipeline.experiment.config import ConfigError, FaultsConfig, ProtocolConfig, load_config
-from pipeline.experiment.arms import MODELS, build_datamodule, make_attack, run_arm, user_behaviour
+from pipeline.experiment.arms import build_datamodule, build_model, make_attack, run_arm, user_behaviour
 from pipeline.core.faults import inject_faults
 from pipeline.core.local_training import train_users, user_batches
 from pipeline.core.device import describe_device, seeded_generator, select_device
@@ -58,7 +58,7 @@ def test_the_client_side_keeps_every_tensor_on_the_device_of_its_input():
     data = build_datamodule(cfg, poison=True)
     behaviour = user_behaviour(cfg, make_attack(cfg), data.malicious, attacking=True)
     meta = torch.device("meta")
-    module = MODELS["digits"](cfg, data).to(meta)
+    module = build_model(cfg, data).to(meta)
     global_params = parameters_to_vector(module.parameters()).detach()
     num_users = len(data.user_indices)
     local_params = global_params.expand(num_users, -1).clone()
@@ -120,7 +120,7 @@ def test_a_run_checkpointed_on_cuda_resumes_on_the_cpu(tmp_path):
     def loop(rounds: int, device: str) -> CollaborativeLoop:
         data = build_datamodule(cfg, poison=True)
         torch.manual_seed(cfg.seed)
-        return CollaborativeLoop(MODELS["digits"](cfg, data), data, user_behaviour(cfg, make_attack(cfg), data.malicious, True), rounds,
+        return CollaborativeLoop(build_model(cfg, data), data, user_behaviour(cfg, make_attack(cfg), data.malicious, True), rounds,
                                  cfg.training.batch_size, cfg.seed, make_attack(cfg), cfg.protocol, checkpoint=checkpoint,
                                  device=torch.device(device))
 

@@ -112,7 +112,9 @@ def set_examples() -> list[tuple[str | None, str]]:
     """``(params file or None, KEY=VALUE)`` of every ``--set`` and ``dvc exp run -S`` in the README and docs."""
     found = []
     for text in TEXTS.values():
-        found += [(None, m) for m in re.findall(r"--set[ =]([A-Za-z_][\w.]*=[^\s`]+)", text)]
+        for line in text.splitlines():  # an override is checked against the params file its command names
+            params = re.search(r"--params ([^\s`]+)", line)
+            found += [(params and params.group(1), m) for m in re.findall(r"--set[ =]([A-Za-z_][\w.]*=[^\s`]+)", line)]
         for m in re.findall(r"dvc exp run -S ([^\s`]+)", text):
             file, _, override = m.rpartition(":") if re.match(r"[\w/.-]+\.yaml:", m) else ("", "", m)
             found.append((file or "params.yaml", override))

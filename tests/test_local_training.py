@@ -136,6 +136,23 @@ def test_other_layers_and_other_optimisers_equal_training_each_user_alone():
         assert not torch.allclose(together, global_params.expand_as(together))
 
 
+def test_lenet5_and_resnet8_users_equal_training_each_user_alone():
+    from lightning_modules.lenet import LeNet5Classifier
+    from lightning_modules.resnet import ResNet8Classifier
+
+    g = torch.Generator().manual_seed(0)
+    for module, shape in [(LeNet5Classifier(10, lr=0.05), (1, 28, 28)),
+                          (ResNet8Classifier(10, widths=(4, 8, 8), groups=2, lr=0.05), (3, 32, 32))]:
+        x, y = torch.randn(48, *shape, generator=g), torch.randint(0, 10, (48,), generator=g)
+        schedule = user_batches([torch.arange(i * 16, (i + 1) * 16) for i in range(3)], [1, 2, 1], 8, seed=0, round_=1)
+        multipliers = torch.tensor([1.0, 2.0, 0.5])
+        global_params = parameters_to_vector(module.parameters()).detach().clone()
+        together = train_users(module, global_params, x, y, schedule, multipliers)
+        expected = train_each_alone(module, global_params, x, y, schedule, multipliers)
+        torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(together, global_params.expand_as(together))
+
+
 def test_one_start_per_user():
     data, module = small_setup()
     multipliers = torch.ones(4)

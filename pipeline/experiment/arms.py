@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # configs, and refusing them, needs none of it
 digits, mnist, fashion_mnist, gtsrb, cifar10 = (OnFirstUse(f"datamodules.{name}")
                                                for name in ("digits", "mnist", "fashion_mnist", "gtsrb", "cifar10"))
-mlp, cnn = OnFirstUse("lightning_modules.mlp"), OnFirstUse("lightning_modules.cnn")
+mlp, cnn, lenet, resnet = (OnFirstUse(f"lightning_modules.{name}") for name in ("mlp", "cnn", "lenet", "resnet"))
 core_loop = OnFirstUse("pipeline.core.loop")
 
 # benign and attack run without defense; every other arm is the attack against the defense of that name
@@ -53,16 +53,20 @@ DATAMODULES: dict[str, Callable[..., FederatedDataModule]] = {
     "gtsrb": lambda cfg, **kw: gtsrb.GTSRBDataModule(root=cfg.data.root, download=cfg.data.download, **kw),
     "cifar10": lambda cfg, **kw: cifar10.CIFAR10DataModule(root=cfg.data.root, download=cfg.data.download, **kw),
 }
-MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {
-    "digits": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
-                                                  cfg.training.lr),
-    "mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
-                                                 cfg.training.lr),
-    "fashion_mnist": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes,
-                                                         cfg.training.hidden_sizes, cfg.training.lr),
-    "gtsrb": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
-    "cifar10": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
+MODELS: dict[str, Callable[[Config, FederatedDataModule], torch.nn.Module]] = {  # training.model
+    "mlp": lambda cfg, data: mlp.MLPClassifier(data.num_features, data.num_classes, cfg.training.hidden_sizes,
+                                               cfg.training.lr),
+    "cnn": lambda cfg, data: cnn.CNNClassifier(num_classes=data.num_classes, lr=cfg.training.lr),
+    "lenet5": lambda cfg, data: lenet.LeNet5Classifier(data.num_classes, lr=cfg.training.lr),
+    "resnet8": lambda cfg, data: resnet.ResNet8Classifier(data.num_classes, lr=cfg.training.lr),
 }
+AUTO_MODELS = {"digits": "mlp", "mnist": "mlp", "fashion_mnist": "mlp", "gtsrb": "cnn", "cifar10": "cnn"}
+
+
+def build_model(cfg: Config, data: FederatedDataModule) -> torch.nn.Module:
+    """The users' model: ``training.model``, or the dataset's default for ``auto``."""
+    name = AUTO_MODELS[cfg.data.name] if cfg.training.model == "auto" else cfg.training.model
+    return MODELS[name](cfg, data)
 
 
 @dataclass
@@ -221,7 +225,7 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
     if arm != "benign":
         poison_users(data, attack)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
-    module = MODELS[cfg.data.name](cfg, data)
+    module = build_model(cfg, data)
     loop = core_loop.CollaborativeLoop(
         module, data, user_behaviour(cfg, attack, data.malicious, arm != "benign"), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, attack, cfg.protocol,

@@ -83,6 +83,7 @@ class TrainingConfig:
     batch_size: int = 16
     lr: float = 0.1
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
+    model: str = "auto"  # auto (mlp; cnn for gtsrb, cifar10) | mlp | cnn | lenet5 | resnet8
     device: str = "auto"  # auto (a CUDA GPU when PyTorch sees one, else the CPU) | cpu | cuda | cuda:N
 
 
@@ -142,6 +143,13 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 DATASETS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "gtsrb": 43, "cifar10": 10}  # name -> number of classes
+# each dataset's images (channels, height, width), and the images each convolutional model takes
+DATASET_IMAGES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "gtsrb": (3, 32, 32),
+                  "cifar10": (3, 32, 32)}
+MODEL_IMAGES = {"cnn": (3, 32, 32), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32)}
+MODELS = ("auto", "mlp", *MODEL_IMAGES)  # mlp takes any (flattened)
+# keys added after results were recorded, at the value that behaves as before: left out of a cell's key
+UNKEYED_DEFAULTS = {"training.model": "auto"}
 # the tracking stores MLflow opens (its own list, less the bare path); file: only with MLFLOW_ALLOW_FILE_STORE
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
@@ -240,6 +248,11 @@ def validate(cfg: Config) -> Config:
     _check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
     _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
            "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
+    _check(t.model in MODELS, "training.model", f"must be one of {', '.join(MODELS)}", t.model)
+    if t.model in MODEL_IMAGES:
+        fits = [name for name, shape in DATASET_IMAGES.items() if shape == MODEL_IMAGES[t.model]]
+        _check(cfg.data.name in fits, "training.model", f"{t.model} takes {'x'.join(map(str, MODEL_IMAGES[t.model]))} "
+               f"images ({', '.join(fits)}), not data.name={cfg.data.name}'s", t.model)
     check_device_name(t.device, "training.device")
     for name in REGISTRY:
         getattr(df, name).validate(f"defense.{name}")
