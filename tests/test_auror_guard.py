@@ -264,3 +264,18 @@ def test_too_few_indicative_features_decide_nothing():
 ])
 def test_the_gap_rule_by_hand(scores, flagged):
     assert separated_minority(np.array(scores), 1.0, 4.0).nonzero()[0].tolist() == flagged
+
+
+def test_the_committed_reports_name_the_current_config_and_new_keys_at_old_values_stay_out():
+    """`auror compare --report-only` may rewrite them (it refuses a report of another config): keys added
+    later (training.model, AUROR's policy) at the values that behave as before are in neither a cell's key
+    nor a report's config."""
+    from pipeline.experiment.store import report_config
+
+    for report, params in [("compare_mnist", "configs/mnist.yaml"), ("compare_digits", "configs/digits.yaml")]:
+        shown = report_config(load_config(ROOT / params))
+        assert shown["hash"] == json.loads((ROOT / "reports" / f"{report}.json").read_text())["config"]["hash"]
+        assert "training.model" not in shown["values"] and "defense.auror.recovery" not in shown["values"]
+        assert "defense.auror_guard.recovery" in shown["values"]  # a new section is the config's, keyed
+    changed = report_config(load_config(ROOT / "configs/mnist.yaml", ["training.model=lenet5"]))["values"]
+    assert changed["training.model"] == "lenet5"

@@ -338,6 +338,18 @@ def check_name(option: str, name: str) -> str:
     return name
 
 
+def without_unkeyed(values: dict[str, Any], cfg: "Config") -> dict[str, Any]:
+    """Flat ``values`` of ``cfg`` less each group of keys added after results were recorded
+    (:data:`UNKEYED_DEFAULTS`; each plug-in's ``unkeyed_defaults``) while all its keys hold the values
+    that behave as before: a cell's key and a report's config stay what they were before the keys existed."""
+    groups = [UNKEYED_DEFAULTS, *({f"{kind}.{name}.{k}": v for k, v in getattr(getattr(cfg, kind), name).unkeyed_defaults.items()}
+                                  for kind, names in (("defense", REGISTRY), ("attack", ATTACKS)) for name in names)]
+    for group in groups:
+        if all(values.get(k) == v for k, v in group.items()):
+            values = {k: v for k, v in values.items() if k not in group}
+    return values
+
+
 def config_hash(values: dict) -> str:
     """12 hex digits of the SHA-256 of ``values`` as sorted JSON: what keys a cell and names a report's config."""
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

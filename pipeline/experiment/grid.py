@@ -20,7 +20,7 @@ from typing import Sequence
 
 from pipeline.core.errors import ConfigError
 from pipeline.experiment.arms import arm_defense, arm_params, check_arms, make_attack
-from pipeline.experiment.config import UNKEYED_DEFAULTS, Config, config_hash, with_overrides
+from pipeline.experiment.config import Config, config_hash, with_overrides, without_unkeyed
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,7 @@ def cell_config(cfg: Config, arm: str) -> dict:
     and who attacks too, but with how the attack's success is measured (nobody attacks)."""
     knobs = {k: v for k, v in arm_params(cfg, arm).items()
              if not k.startswith(("tracking.", "report.")) and k != "training.device"}
-    knobs = {k: v for k, v in knobs.items() if UNKEYED_DEFAULTS.get(k, object()) != v}
-    for section in (f"defense.{arm_defense(arm)}", f"attack.{cfg.attack.name}"):
-        params = cfg.section(section)
-        if all(getattr(params, k) == v for k, v in params.unkeyed_defaults.items()):
-            knobs = {k: v for k, v in knobs.items()
-                     if not (k.startswith(f"{section}.") and k[len(section) + 1:] in params.unkeyed_defaults)}
+    knobs = without_unkeyed(knobs, cfg)
     if arm == "benign":
         knobs = {k: v for k, v in knobs.items() if not k.startswith("attack.") and k != "users.malicious_fraction"}
         knobs["attack.success"] = make_attack(cfg).success_definition()

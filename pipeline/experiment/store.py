@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.checkpoint import write_atomic
 from pipeline.core.errors import ConfigError
-from pipeline.experiment.config import Config, config_hash, first_difference
+from pipeline.experiment.config import Config, config_hash, first_difference, without_unkeyed
 
 if TYPE_CHECKING:
     from pipeline.experiment.grid import Cell
@@ -51,7 +51,8 @@ class ResultsStore:
 
 def report_config(cfg: Config) -> dict:
     """The config a report shows, named in its JSON (``config``): everything but where it writes and the device."""
-    shown = {k: v for k, v in cfg.flat().items() if not k.startswith(("tracking.", "report.")) and k != "training.device"}
+    shown = without_unkeyed({k: v for k, v in cfg.flat().items()
+                             if not k.startswith(("tracking.", "report.")) and k != "training.device"}, cfg)
     return {"hash": config_hash(shown), "values": shown}
 
 
