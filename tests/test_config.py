@@ -21,8 +21,13 @@ def test_shipped_params_yaml_equals_the_defaults():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
-    assert cfg.data.name == path.stem
-    assert cfg.users.num_users == 30 or path.stem == "digits"  # the paper's settings; digits is the quick one
+    dataset, _, variant = path.stem.partition("_") if path.stem.startswith("mnist_") else (path.stem, "", "")
+    assert cfg.data.name == dataset  # <dataset>.yaml, or mnist_<setting>.yaml beyond the paper's
+    if variant == "cross_device":  # 1,000 users, 100 per round
+        assert (cfg.users.num_users, cfg.users.per_round) == (1000, 100)
+    else:  # the paper's settings; digits is the quick one
+        assert cfg.users.num_users == 30 or path.stem == "digits"
+    assert variant != "fedsgd" or cfg.training.algorithm == "fedsgd"
 
 
 def test_overrides_are_typed():

@@ -28,9 +28,11 @@ VARIANTS = ("untargeted", "backdoor")
 
 
 def z_max(num_users: int, num_attackers: int) -> float:
-    """The largest z for which the crafted value still has a majority of users on its side."""
-    s = math.floor(num_users / 2 + 1) - num_attackers
-    return NormalDist().inv_cdf((num_users - s) / num_users)
+    """The largest z for which the crafted value still has a majority of users on its side. When the attackers
+    alone are a majority (a sampled round can hold more than their share), one honest user is still won over."""
+    s = max(1, math.floor(num_users / 2 + 1) - num_attackers)
+    share = (num_users - s) / num_users
+    return NormalDist().inv_cdf(share) if share > 0 else 0.0
 
 
 def alie_update(honest: torch.Tensor, z: float) -> torch.Tensor:

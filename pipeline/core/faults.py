@@ -59,23 +59,26 @@ def faulty_this_round(faults: FaultsConfig, round_: int) -> bool:
     return bool(anyone) and (not faults.rounds or round_ in faults.rounds)
 
 
-def inject_faults(uploads: torch.Tensor, faults: FaultsConfig, round_: int, generator: torch.Generator) -> torch.Tensor:
+def inject_faults(uploads: torch.Tensor, faults: FaultsConfig, round_: int, generator: torch.Generator,
+                  user_ids: list[int] | None = None) -> torch.Tensor:
     """Client side: what the users send in ``round_``, with the configured faults
-    applied to the server's view ``uploads`` (users, P; NaN: not uploaded).
+    applied to the server's view ``uploads`` (users, P; NaN: not uploaded); row ``i`` is user
+    ``user_ids[i]`` (default: user ``i``), and a faulty user absent from the round does nothing.
     Returns ``uploads`` itself when nobody misbehaves in this round."""
     if not faulty_this_round(faults, round_):
         return uploads
     sent = uploads.clone()
+    row = {u: i for i, u in enumerate(range(len(uploads)) if user_ids is None else user_ids)}
     # drawn with the CPU generator, then moved: the same faults on every device
     half = (torch.rand(uploads.shape, generator=generator) < 0.5).to(uploads.device)  # what NaN / Inf corrupts
     sign = torch.where(torch.rand(uploads.shape, generator=generator) < 0.5, -1.0, 1.0).to(uploads.device)
-    for user in faults.nan_users:
+    for user in (row[u] for u in faults.nan_users if u in row):
         sent[user] = torch.where(half[user], torch.nan, sent[user])
-    for user in faults.inf_users:
+    for user in (row[u] for u in faults.inf_users if u in row):
         sent[user] = torch.where(half[user] & ~torch.isnan(sent[user]), sign[user] * torch.inf, sent[user])
-    for user in faults.dropout_users:
+    for user in (row[u] for u in faults.dropout_users if u in row):
         sent[user] = torch.nan
-    for user in faults.huge_users:
+    for user in (row[u] for u in faults.huge_users if u in row):
         sent[user] = sent[user] * faults.huge_scale
     return sent
 
@@ -121,14 +124,22 @@ def screen_uploads(updates: torch.Tensor, expected: int, max_norm_ratio: float) 
     >>> s.infinite.tolist(), s.outlier.tolist(), s.dropped.tolist()
     ([False, False, True, False, False], [False, False, False, True, False], [False, False, False, False, True])
     """
-    uploaded = ~torch.isnan(updates)
-    count = uploaded.sum(1)
-    dropped = count == 0
-    infinite = torch.isinf(updates).any(1)
+    # one pass for the common round, every value finite: the norms are then finite (a NaN or Inf makes its row's
+    # norm non-finite), and the RMS is the norm over sqrt(P)
+    norms = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64)
+    if bool(torch.isfinite(norms).all()):
+        count = torch.full((len(updates),), updates.shape[1], device=updates.device)
+        dropped = infinite = torch.zeros(len(updates), dtype=torch.bool, device=updates.device)
+        rms = norms / math.sqrt(max(updates.shape[1], 1))
+    else:
+        count = (~torch.isnan(updates)).sum(1)
+        dropped = count == 0
+        infinite = torch.isinf(updates).any(1)
+        rms = None
     outlier = torch.zeros_like(dropped)
     candidates = ~dropped & ~infinite
     if not math.isinf(max_norm_ratio) and candidates.any():
-        rms = update_rms(updates)
+        rms = update_rms(updates) if rms is None else rms
         median = rms[candidates].median()  # the lower median for an even count
         if median > 0:
             outlier = candidates & (rms > max_norm_ratio * median)

@@ -29,22 +29,34 @@ def detection_rates(flagged: torch.Tensor, malicious: torch.Tensor) -> tuple[flo
     return dr, fpr
 
 
-def defense_detection_rates(flags: str, flagged: set[int], excluded: list[list[int]],
-                            malicious: torch.Tensor) -> tuple[float | None, float | None]:
-    """A defense's DR and FPR, by how it flags (:attr:`pipeline.defenses.base.Defense.flags`):
+def defense_detection_rates(flags: str, flagged: set[int], excluded: list[list[int]], malicious: torch.Tensor,
+                            participants: list[list[int]] | None = None) -> tuple[float | None, float | None]:
+    """A defense's DR and FPR, by how it flags (:attr:`pipeline.defenses.base.Defense.flags`), over the users it
+    could judge: with ``participants`` (per round, under sampling) those who took part, else everyone.
 
     - ``"none"`` (a robust aggregator that excludes nobody): ``None, None``;
-    - ``"run"`` (flags once, as AUROR): :func:`detection_rates` of the ``flagged`` users;
-    - ``"round"``: :func:`detection_rates` of each round's ``excluded`` users, averaged over rounds.
+    - ``"run"`` (flags once, as AUROR): :func:`detection_rates` of the ``flagged`` users, among the users who
+      took part in at least one round;
+    - ``"round"``: :func:`detection_rates` of each round's ``excluded`` users among that round's participants,
+      averaged over the rounds where it is defined (a sampled round may hold no attacker).
     """
     if flags == "none":
         return None, None
     rounds = [sorted(flagged)] if flags == "run" else excluded
+    if participants is not None and flags == "run":
+        participants = [sorted({u for ids in participants for u in ids})]
     rates = []
-    for ids in rounds:
+    for i, ids in enumerate(rounds):
         mask = torch.zeros_like(malicious, dtype=torch.bool)
         mask[ids] = True
-        rates.append(detection_rates(mask, malicious))
+        if participants is None:
+            rates.append(detection_rates(mask, malicious))
+        else:
+            judged = torch.as_tensor(participants[i], dtype=torch.long)
+            rates.append(detection_rates(mask[judged], malicious[judged]))
+    if participants is not None:  # the rounds where a rate is defined
+        dr, fpr = ([r[k] for r in rates if r[k] is not None] for k in (0, 1))
+        return (sum(dr) / len(dr) if dr else None), (sum(fpr) / len(fpr) if fpr else None)
     dr, fpr = zip(*rates) if rates else ((None,), (None,))
     return _mean(dr), _mean(fpr)
 

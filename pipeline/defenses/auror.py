@@ -128,6 +128,23 @@ class Auror:
         return self
 
 
+def window_tensor(entries: list[tuple[int, torch.Tensor, torch.Tensor]],
+                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The window's uploads as one (rounds, users, P) tensor over every user seen in it (ascending ids; NaN
+    rows in a round the user was absent from, under sampling), and those ids. With the same users in every
+    round, the rounds' uploads stacked as they are."""
+    ids = [e[1].tolist() for e in entries]
+    if all(i == ids[0] for i in ids):
+        return torch.stack([u.to(device) for _, _, u in entries]), ids[0]
+    seen = sorted({u for i in ids for u in i})
+    row = {u: k for k, u in enumerate(seen)}
+    window = torch.full((len(entries), len(seen), entries[0][2].shape[1]), torch.nan, device=device,
+                        dtype=entries[0][2].dtype)
+    for r, (_, users, updates) in enumerate(entries):
+        window[r, [row[u] for u in users.tolist()]] = updates.to(device)
+    return window, seen
+
+
 def window_mean(window: torch.Tensor) -> torch.Tensor:
     """``window.nanmean(0)`` to the bit, (rounds, users, P) -> (users, P): the plain mean when no value is
     missing (the sum of all values is NaN only when one is: uploads hold no Inf), a fifth of nanmean's time."""
@@ -279,8 +296,8 @@ class AurorDefense(Defense):
         decision = self._next_decision(round_)
         rewind = None
         if decision is not None and decision - round_ < p.window_rounds:
-            self._window = [(r, u) for r, u in self._window if r > decision - p.window_rounds] + [
-                (round_, uploads.updates)]
+            self._window = [e for e in self._window if e[0] > decision - p.window_rounds] + [
+                (round_, uploads.user_ids, uploads.updates)]
             if decision == round_ and len(self._window) == p.window_rounds:
                 new = self._detect(uploads)
                 if new and p.recovery == "restart":
@@ -294,12 +311,13 @@ class AurorDefense(Defense):
         return self.detection
 
     def state_dict(self) -> dict:
-        return {"window": [[r, u] for r, u in self._window], "flagged": sorted(self.flagged),
+        return {"window": [list(e) for e in self._window], "flagged": sorted(self.flagged),
                 "detection": self.detection}
 
     def load_state_dict(self, state: dict) -> None:
-        # a checkpoint of an earlier version holds the tensors of rounds 1.. only
-        self._window = [tuple(e) if isinstance(e, (list, tuple)) else (i + 1, e) for i, e in enumerate(state["window"])]
+        # checkpoints of earlier versions hold (round, uploads) or the uploads of rounds 1.. only: everyone's rows
+        entries = [e if isinstance(e, (list, tuple)) else (i + 1, e) for i, e in enumerate(state["window"])]
+        self._window = [tuple(e) if len(e) == 3 else (e[0], torch.arange(len(e[1])), e[1]) for e in entries]
         self.flagged = set(state["flagged"])
         self.detection = state["detection"]
         self.detections = self.detection.setdefault("detections", [])
@@ -307,11 +325,11 @@ class AurorDefense(Defense):
     def _detect(self, uploads: Uploads) -> set[int]:
         """Decide from the window among the users not flagged yet; returns the users it flags now."""
         p = self.params
-        # (rounds, users, parameters); NaN: not uploaded (or left out). Rounds restored from a checkpoint are on the CPU
-        window = torch.stack([u.to(uploads.updates.device) for _, u in self._window])
+        # (rounds, users seen in the window, parameters); NaN: not uploaded, left out, or absent from that round
+        # (users.per_round). Rounds restored from a checkpoint are on the CPU
+        window, ids = window_tensor(self._window, uploads.updates.device)
         if p.redetect_every == 0:
             self._window = []  # no later decision reads it
-        ids = uploads.user_ids.tolist()
         judged = [i for i, u in enumerate(ids) if u not in self.flagged]
         if len(judged) < 2:
             return set()

@@ -24,6 +24,7 @@ from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.attacks.base import Attack, UserData
 from pipeline.core.device import select_device
 from pipeline.core.metrics import defense_detection_rates
+from pipeline.core.sampling import round_size
 from pipeline.defenses import REGISTRY
 from pipeline.experiment.config import Config, ConfigError
 from pipeline.lazy import OnFirstUse, torch
@@ -186,6 +187,12 @@ def user_behaviour(cfg: Config, attack: Attack, malicious: torch.Tensor, attacki
     )
 
 
+def sampled_size(cfg: Config) -> int | None:
+    """The users of a round under ``users.per_round`` (None: everyone takes part)."""
+    size = round_size(cfg.users.per_round, cfg.users.num_users)
+    return size if size < cfg.users.num_users else None
+
+
 def root_size(cfg: Config, arm: str) -> int:
     """The server's root set for the arm's defense (FLTrust's), 0 for the others."""
     name = arm_defense(arm)
@@ -211,12 +218,10 @@ class DataCache:
         return self._built[key]
 
 
-def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: Checkpoint | None = None,
-            data: DataCache | None = None) -> ArmResult:
-    """Train one arm from scratch (or from ``checkpoint`` when it exists; saved
-    after every round) on ``training.device`` and evaluate it (no tracking).
-    The clean data comes from ``data`` (built there once) or is built here.
-    The returned module is on the CPU."""
+def make_loop(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: Checkpoint | None = None,
+              data: DataCache | None = None) -> core_loop.CollaborativeLoop:
+    """The arm's collaborative loop: its users' data (poisoned unless benign), model, defense and every
+    setting of ``cfg`` the rounds read."""
     name = arm_defense(arm)
     defense, params = REGISTRY[name], getattr(cfg.defense, name)
     attack = make_attack(cfg)
@@ -226,23 +231,38 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
         poison_users(data, attack)
     torch.manual_seed(cfg.seed)  # the same initial global model in every arm, on every device
     module = build_model(cfg, data)
-    loop = core_loop.CollaborativeLoop(
+    return core_loop.CollaborativeLoop(
         module, data, user_behaviour(cfg, attack, data.malicious, arm != "benign"), cfg.training.rounds,
         cfg.training.batch_size, cfg.seed, attack, cfg.protocol,
         callbacks=list(callbacks), faults=cfg.faults, checkpoint=checkpoint,
         device=select_device(cfg.training.device), make_defense=lambda server: defense(params, server),
         root_epochs=cfg.training.local_epochs,
+        per_round=sampled_size(cfg), participation=cfg.attack.participation, algorithm=cfg.training.algorithm,
+        server_optimizer=cfg.server, eval_every=cfg.training.eval_every,
     )
+
+
+def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: Checkpoint | None = None,
+            data: DataCache | None = None) -> ArmResult:
+    """Train one arm from scratch (or from ``checkpoint`` when it exists; saved
+    after every round) on ``training.device`` and evaluate it (no tracking).
+    The clean data comes from ``data`` (built there once) or is built here.
+    The returned module is on the CPU."""
+    defense = REGISTRY[arm_defense(arm)]
+    loop = make_loop(cfg, arm, callbacks, checkpoint, data)
+    module, data = loop.module, loop.data
     metrics: dict[str, float | None] = dict(loop.run())
     module.cpu()  # logged and exported with a CPU example input
     metrics["detection_rate"], metrics["false_positive_rate"] = defense_detection_rates(
-        defense.flags, loop.defense.flagged, loop.excluded, data.malicious)
-    detection = {"defense": name, "flags": defense.flags, "malicious_users": data.malicious.nonzero().flatten().tolist(),
-                 **loop.defense.report()}
+        defense.flags, loop.defense.flagged, loop.excluded, data.malicious, loop.participants or None)
+    detection = {"defense": defense.name, "flags": defense.flags,
+                 "malicious_users": data.malicious.nonzero().flatten().tolist(), **loop.defense.report()}
     if getattr(loop.defense, "rewind_rounds", 0):  # a defense with recovery: what it cost
         detection["rounds_retrained"] = loop.rounds_retrained
     if defense.flags == "round":
         detection["excluded_per_round"] = loop.excluded
+    if loop.participants:  # under sampling: who took part in each round
+        detection["participants_per_round"] = loop.participants
     return ArmResult(arm, metrics, loop.history, detection, module, data.test_x[:1])
 
 

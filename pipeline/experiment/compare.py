@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY as DEFENSES
 from pipeline.core.metrics import accuracy_drop, attack_success
+from pipeline.core.sampling import round_size
 from pipeline.experiment.arms import ARMS
 from pipeline.experiment.config import Config, ConfigError, check_name
 from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, parse_grid
@@ -163,12 +164,12 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
              for attack, table in tables.items()}
     partial = any(m["seeds"] < len(seeds) for t in tables.values() for row in t.values() for m in row.values())
     png = plot_heatmap(tables, shown, _file(stem, ".png"),
-                       f"{name}: {cfg.users.num_users} users, mean over seeds {', '.join(map(str, seeds))}"
+                       f"{name}: {setting_summary(cfg)}, mean over seeds {', '.join(map(str, seeds))}"
                        + (" (some cells over fewer seeds: see the tables)" if partial else ""))
     d = cfg.report.decimals
     lines = [f"# {name}: defenses against attacks", "",
              f"Produced by `{command}` (seeds {', '.join(map(str, seeds))}; mean over seeds; "
-             f"{cfg.users.num_users} users, {cfg.training.rounds} rounds; config {config['hash']}, every value in "
+             f"{setting_summary(cfg, rounds=True)}; config {config['hash']}, every value in "
              f"`{_file(stem, '.json').name}`).", "",
              "Each cell: accuracy / SR / AD / DR / FPR. SR: the attack's success rate (label flipping and "
              "`auror_adaptive`: source-class test inputs classified as the target; backdoors: triggered test "
@@ -192,6 +193,21 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     md = _file(stem, ".md")
     md.write_text("\n".join(lines))
     return md
+
+
+def setting_summary(cfg: Config, rounds: bool = False) -> str:
+    """``"30 users"`` (and ``", 30 rounds"``), with what differs from the cross-silo FedAvg default: the users
+    of a round, FedSGD, the server's optimiser."""
+    text = f"{cfg.users.num_users} users"
+    size = round_size(cfg.users.per_round, cfg.users.num_users)
+    if size < cfg.users.num_users:
+        text += f" ({size} per round{', attackers in every round' if cfg.attack.participation == 'every_round' else ''})"
+    text += f", {cfg.training.rounds} rounds" if rounds else ""
+    if cfg.training.algorithm != "fedavg":
+        text += f", {cfg.training.algorithm.replace('fed', 'Fed').replace('sgd', 'SGD')}"
+    if cfg.server.optimizer != "sgd" or cfg.server.lr != 1:
+        text += f", server {cfg.server.optimizer} lr {cfg.server.lr:g}"
+    return text
 
 
 def flag_definitions() -> str:

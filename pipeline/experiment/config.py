@@ -23,6 +23,8 @@ from pipeline.core.device import check_device_name
 from pipeline.core.errors import ConfigError
 from pipeline.core.faults import FaultsConfig
 from pipeline.core.masking import ProtocolConfig
+from pipeline.core.sampling import PARTICIPATIONS, round_size
+from pipeline.core.server_optimizer import SERVER_OPTIMIZERS, ServerConfig
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
 from pipeline.defenses.base import check_finite_fields
@@ -46,6 +48,8 @@ class UsersConfig:
     # partition=dirichlet: label shares per user ~ Dirichlet(dirichlet_alpha)
     dirichlet_alpha: float = 0.5
     min_samples: int = 10
+    # the users of a round: a fraction in (0, 1] of num_users or a whole count (1.0: everyone, every round)
+    per_round: float = 1.0
 
 
 @dataclass
@@ -63,6 +67,8 @@ class AttackSettings:
     malicious_lr_multiplier: float = 1.0
     # label_flip, backdoor, auror_adaptive: malicious updates are multiplied by this before upload
     boost: float = 3.0
+    # under users.per_round: sampled (like everyone) | every_round (the population's share in every round)
+    participation: str = "sampled"
 
 
 # the shared settings, then one section per registered attack, ``attack.<name>``
@@ -85,6 +91,8 @@ class TrainingConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
     model: str = "auto"  # auto (mlp; cnn for gtsrb, cifar10) | mlp | cnn | lenet5 | resnet8
     device: str = "auto"  # auto (a CUDA GPU when PyTorch sees one, else the CPU) | cpu | cuda | cuda:N
+    algorithm: str = "fedavg"  # fedavg (local epochs) | fedsgd (one local step on one batch per round)
+    eval_every: int = 1  # evaluate the global model every N rounds (the last round always)
 
 
 @dataclass
@@ -114,6 +122,7 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -148,8 +157,15 @@ DATASET_IMAGES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1
                   "cifar10": (3, 32, 32)}
 MODEL_IMAGES = {"cnn": (3, 32, 32), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32)}
 MODELS = ("auto", "mlp", *MODEL_IMAGES)  # mlp takes any (flattened)
-# keys added after results were recorded, at the value that behaves as before: left out of a cell's key
-UNKEYED_DEFAULTS = {"training.model": "auto"}
+# groups of keys added after results were recorded, at the values that behave as before: while all of a
+# group's keys hold them, the group is left out of a cell's key
+UNKEYED_DEFAULTS = (
+    {"training.model": "auto"},
+    {"users.per_round": 1.0}, {"attack.participation": "sampled"},
+    {"training.algorithm": "fedavg"}, {"training.eval_every": 1},
+    {f"server.{f.name}": f.default for f in dataclasses.fields(ServerConfig)},
+)
+ALGORITHMS = ("fedavg", "fedsgd")
 # the tracking stores MLflow opens (its own list, less the bare path); file: only with MLFLOW_ALLOW_FILE_STORE
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
@@ -227,6 +243,11 @@ def validate(cfg: Config) -> Config:
     _check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
     _check(_positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
     _check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
+    _check(_positive(u.per_round) and (u.per_round <= 1 or (u.per_round.is_integer() and u.per_round <= u.num_users)),
+           "users.per_round", f"must be a fraction in (0, 1] or a whole count of at most users.num_users={u.num_users}",
+           u.per_round)
+    _check(round_size(u.per_round, u.num_users) >= 2, "users.per_round",
+           f"must give at least 2 users per round (of users.num_users={u.num_users})", u.per_round)
     num_classes = DATASETS[d.name]
     for key in ("source_class", "target_class"):
         value = getattr(a, key)
@@ -238,6 +259,8 @@ def validate(cfg: Config) -> Config:
     _check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
            a.malicious_lr_multiplier)
     _check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
+    _check(a.participation in PARTICIPATIONS, "attack.participation", f"must be one of {', '.join(PARTICIPATIONS)}",
+           a.participation)
     for name in ATTACKS:
         getattr(a, name).validate(f"attack.{name}")
         check_finite_fields(getattr(a, name), f"attack.{name}")
@@ -254,6 +277,17 @@ def validate(cfg: Config) -> Config:
         _check(cfg.data.name in fits, "training.model", f"{t.model} takes {'x'.join(map(str, MODEL_IMAGES[t.model]))} "
                f"images ({', '.join(fits)}), not data.name={cfg.data.name}'s", t.model)
     check_device_name(t.device, "training.device")
+    _check(t.algorithm in ALGORITHMS, "training.algorithm", f"must be one of {', '.join(ALGORITHMS)}", t.algorithm)
+    _check(t.algorithm == "fedavg" or t.local_epochs == 1, "training.local_epochs",
+           "must be 1 under training.algorithm=fedsgd (one local step per round)", t.local_epochs)
+    _check(t.eval_every >= 1, "training.eval_every", "must be >= 1", t.eval_every)
+    sv = cfg.server
+    _check(sv.optimizer in SERVER_OPTIMIZERS, "server.optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}",
+           sv.optimizer)
+    _check(_positive(sv.lr), "server.lr", "must be a finite number > 0", sv.lr)
+    for key in ("beta1", "beta2"):
+        _check(0 <= getattr(sv, key) < 1, f"server.{key}", "must be in [0, 1)", getattr(sv, key))
+    _check(_positive(sv.tau), "server.tau", "must be a finite number > 0", sv.tau)
     for name in REGISTRY:
         getattr(df, name).validate(f"defense.{name}")
         check_finite_fields(getattr(df, name), f"defense.{name}")
@@ -342,7 +376,7 @@ def without_unkeyed(values: dict[str, Any], cfg: "Config") -> dict[str, Any]:
     """Flat ``values`` of ``cfg`` less each group of keys added after results were recorded
     (:data:`UNKEYED_DEFAULTS`; each plug-in's ``unkeyed_defaults``) while all its keys hold the values
     that behave as before: a cell's key and a report's config stay what they were before the keys existed."""
-    groups = [UNKEYED_DEFAULTS, *({f"{kind}.{name}.{k}": v for k, v in getattr(getattr(cfg, kind), name).unkeyed_defaults.items()}
+    groups = [*UNKEYED_DEFAULTS, *({f"{kind}.{name}.{k}": v for k, v in getattr(getattr(cfg, kind), name).unkeyed_defaults.items()}
                                   for kind, names in (("defense", REGISTRY), ("attack", ATTACKS)) for name in names)]
     for group in groups:
         if all(values.get(k) == v for k, v in group.items()):

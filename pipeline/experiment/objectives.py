@@ -68,8 +68,8 @@ class TrialReporter(Callback):
         self.last_round = 0
 
     def on_round_end(self, loop: CollaborativeLoop, round_: int, metrics: dict[str, float]) -> None:
-        if round_ <= self.last_round:  # trained again after a recovery: Optuna keeps a round's first value
-            return
+        if round_ <= self.last_round or metrics["accuracy"] is None:  # trained again after a recovery (Optuna
+            return  # keeps a round's first value), or not evaluated (training.eval_every)
         self.last_round = round_
         self.trial.report(objective_value(self.kind, self.round_metrics(loop, metrics)), round_)
         if self.trial.should_prune():
@@ -77,6 +77,6 @@ class TrialReporter(Callback):
 
     def round_metrics(self, loop: CollaborativeLoop, metrics: dict[str, float]) -> dict[str, float]:
         dr, fpr = defense_detection_rates(type(loop.defense).flags, loop.defense.flagged, loop.excluded,
-                                          loop.data.malicious)
+                                          loop.data.malicious, loop.participants or None)
         return {**metrics, "detection_rate": dr or 0.0, "false_positive_rate": fpr or 0.0,
                 "accuracy_drop": accuracy_drop(self.benign_accuracy, metrics["accuracy"])}

@@ -16,9 +16,10 @@ def plot_rounds(histories: dict[str, list[dict]], path: str | Path, title: str =
     vertical line marks the round a defense flagged users."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     for arm, history in histories.items():
-        rounds = [h["round"] for h in history]
+        evaluated = [h for h in history if h["accuracy"] is not None]  # training.eval_every skips rounds
+        rounds = [h["round"] for h in evaluated]
         for ax, key in zip(axes, ("accuracy", "attack_success_rate")):
-            values = [float("nan") if h[key] is None else h[key] for h in history]  # untargeted attacks: no SR
+            values = [float("nan") if h[key] is None else h[key] for h in evaluated]  # untargeted attacks: no SR
             (line,) = ax.plot(rounds, values, label=arm, marker=".")
             detected = (detection_rounds or {}).get(arm)
             if detected:

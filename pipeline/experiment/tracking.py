@@ -154,6 +154,7 @@ class ProgressLogger(Callback):
         now = time.monotonic()
         if round_ % self.every == 0 or round_ == loop.rounds or now - self.last >= self.quiet_s:
             self.last = now
-            success = metrics["attack_success_rate"]
-            log.info("  [%s] round %d/%d  accuracy %.3f  attack success %s  (%.0f s)", self.arm, round_,
-                     loop.rounds, metrics["accuracy"], "-" if success is None else f"{success:.3f}", now - self.started)
+            accuracy, success = metrics["accuracy"], metrics["attack_success_rate"]
+            log.info("  [%s] round %d/%d  accuracy %s  attack success %s  (%.0f s)", self.arm, round_, loop.rounds,
+                     "-" if accuracy is None else f"{accuracy:.3f}", "-" if success is None else f"{success:.3f}",
+                     now - self.started)
