@@ -89,3 +89,11 @@ def test_auror_guard_benchmark_times_both_arms_and_the_recovery(capsys, monkeypa
          "--set", "defense.auror_guard.window_rounds=2", "--set", "defense.auror_guard.redetect_every=2"])
     assert figures["attack"] > 0 and figures["auror_guard"] > 0 and figures["rounds_retrained"] >= 2
     assert "x the undefended arm (goal <= 1.2)" in capsys.readouterr().out
+
+
+def test_cross_device_benchmark_runs(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUROR_DATA_DIR", str(tmp_path))  # the random fallback
+    figures = load("bench_cross_device").main(["--rounds", "1", "--repeats", "1", "--no-memory"])
+    assert set(figures) == {"1000 x 60 / bound", "10000 x 6 / bound", "10000 x 6 / 1000 x 6"}
+    assert all(r > 0 for r in figures.values())
+    assert "ratio 10,000 users / 1,000 users" in capsys.readouterr().out

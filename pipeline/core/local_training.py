@@ -258,12 +258,14 @@ def _train_together(
     schedule = schedule.to(device)
     layers = linear_layers(module)
     if layers is not None:  # leaves: weights pre-transposed (users, in, out), biases (users, 1, out)
-        stacked = stack_parameters(module, flat, num_users)
         leaves: dict[str, torch.Tensor] = {}
-        for name, value in stacked.items():
-            value = value.detach()
-            value = value.transpose(1, 2) if name.endswith("weight") else value.unsqueeze(1)
-            leaves[name] = value.contiguous().requires_grad_(True)
+        slices, offset = {}, 0
+        for name, p in module.named_parameters():  # one copy of each: the transposition's, or a clone
+            slices[name] = (offset, offset + p.numel(), tuple(p.shape))
+            value = flat.expand(num_users, -1)[:, offset : offset + p.numel()].reshape(num_users, *p.shape)
+            value = value.transpose(1, 2).contiguous() if name.endswith("weight") else value.unsqueeze(1).clone()
+            leaves[name] = value.requires_grad_(True)
+            offset += p.numel()
         inputs = x.reshape(len(x), -1)
 
         def forward(xb: torch.Tensor) -> torch.Tensor:
@@ -276,11 +278,13 @@ def _train_together(
                     h = layer(h)
             return h
 
-        def result() -> torch.Tensor:
-            return torch.cat([
-                (t.detach().transpose(1, 2) if name.endswith("weight") else t.detach()).reshape(num_users, -1)
-                for name, t in leaves.items()
-            ], dim=1)
+        def result() -> torch.Tensor:  # each leaf copied once, into its columns
+            out = torch.empty(num_users, offset, dtype=flat.dtype, device=device)
+            for name, t in leaves.items():
+                start, stop, shape = slices[name]
+                value = t.detach().transpose(1, 2) if name.endswith("weight") else t.detach().squeeze(1)
+                out[:, start:stop].view(num_users, *shape).copy_(value)
+            return out
     else:  # any other architecture: functional_call per user
         leaves = stack_parameters(module, flat, num_users)
         inputs = x

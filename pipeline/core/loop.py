@@ -215,8 +215,8 @@ class CollaborativeLoop:
             user_ids = ids.to(device)
             # client side: download, train locally, upload a masked update
             generator = seeded_generator(self.seed, round_, PROTOCOL_STREAM)
-            if local_params is None:
-                start = global_params.expand(len(ids), -1).clone()
+            if local_params is None:  # everyone starts from the global model (train_users copies it per user)
+                start = global_params
             else:
                 start = download_merge(global_params, local_params if everyone else local_params[user_ids],
                                        protocol.theta_d, generator)
@@ -252,7 +252,8 @@ class CollaborativeLoop:
                 global_params, local_params, optimizer_state = self.rewind(round_, decision.rewind_to, local_params)
                 round_ = decision.rewind_to + 1
                 continue
-            excluded = present_rows(uploads.updates) & (decision.excluded if decision.excluded is not None else False)
+            excluded = (present_rows(uploads.updates) & decision.excluded if decision.excluded is not None
+                        else torch.zeros(len(user_ids), dtype=torch.bool, device=device))
             self.excluded.append(user_ids[excluded].tolist())
             if self.per_round is not None:
                 self.participants.append(ids.tolist())
