@@ -246,3 +246,9 @@ def test_eval_every_skips_evaluations_not_training():
 def test_sampling_with_dssgd_keeps_the_absent_users_local_parameters():
     result = run_arm(cfg("protocol.theta_d=0.5", "protocol.theta_u=0.5"), "auror")
     assert math.isfinite(result.metrics["accuracy"])
+
+
+def test_every_round_participation_puts_the_attackers_share_in_each_round():
+    loop = make_loop(cfg("attack.participation=every_round"), "auror_guard")
+    loop.run()
+    assert [h["attackers_present"] for h in loop.history] == [1.0] * 6  # round(4 x 3 / 10) = 1 of 4

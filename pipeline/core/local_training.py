@@ -226,10 +226,13 @@ def train_users(
     (momentum) trains everyone at every step and holds finished users still.
     """
     steps, num_users, _ = schedule.shape
-    local = global_params.detach().to(x.device).expand(num_users, -1).clone()
+    start = global_params.detach().to(x.device).expand(num_users, -1)  # a view: _train_together copies it once
     if plain_sgd_groups(module.make_optimizer(list(module.parameters()))) is None:
-        return _train_together(module, local, x, y, schedule, lr_multipliers, pull)
+        return _train_together(module, start, x, y, schedule, lr_multipliers, pull)
     training, lengths = torch.unique_consecutive((schedule >= 0).any(2), dim=0, return_counts=True)
+    if len(training) == 1 and bool(training[0].all()):  # everyone trains at every step: one group, no gather
+        return _train_together(module, start, x, y, schedule, lr_multipliers, pull)
+    local = start.clone()
     start = 0
     for users, length in zip(training, lengths.tolist()):
         users = users.nonzero().squeeze(1)
@@ -263,7 +266,8 @@ def _train_together(
         for name, p in module.named_parameters():  # one copy of each: the transposition's, or a clone
             slices[name] = (offset, offset + p.numel(), tuple(p.shape))
             value = flat.expand(num_users, -1)[:, offset : offset + p.numel()].reshape(num_users, *p.shape)
-            value = value.transpose(1, 2).contiguous() if name.endswith("weight") else value.unsqueeze(1).clone()
+            value = value.transpose(1, 2) if name.endswith("weight") else value.unsqueeze(1)
+            value = value.clone(memory_format=torch.contiguous_format)  # never a view of the start
             leaves[name] = value.requires_grad_(True)
             offset += p.numel()
         inputs = x.reshape(len(x), -1)
