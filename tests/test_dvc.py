@@ -19,11 +19,21 @@ def dvc_executable() -> str | None:
 
 
 def matrix_items(stage: dict) -> list[dict]:
+    """The items a stage expands to: a ``matrix``'s combinations, or a ``foreach``'s entries (its key as
+    ``key``)."""
+    if "foreach" in stage:
+        return [{"key": key, **values} for key, values in stage["foreach"].items()]
     matrix = stage.get("matrix", {})
     return [dict(zip(matrix, values)) for values in itertools.product(*matrix.values())]
 
 
+def body(stage: dict) -> dict:
+    """What a stage runs: a ``foreach`` stage's ``do``, or the stage itself."""
+    return stage.get("do", stage)
+
+
 def fill(text: str, item: dict) -> str:
+    text = re.sub(r"\$\{key\}", lambda m: str(item["key"]), text)
     return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), text)
 
 
@@ -46,7 +56,7 @@ def stage_params(stage: dict, item: dict) -> list[tuple[str, str]]:
     return out
 
 
-EXPANDED = [(name, stage, item) for name, stage in PIPELINE["stages"].items() for item in matrix_items(stage)]
+EXPANDED = [(name, body(stage), item) for name, stage in PIPELINE["stages"].items() for item in matrix_items(stage)]
 
 
 @pytest.mark.parametrize("name, stage, item", EXPANDED,
@@ -56,11 +66,11 @@ def test_every_params_key_and_code_dep_exists(name, stage, item):
         assert has_key(yaml.safe_load((ROOT / file).read_text()), key), f"{name}: {file} has no {key}"
     # ${section.key} in the command is read from params.yaml, and must be a listed param
     listed = {key for file, key in stage_params(stage, item) if file == "params.yaml"}
-    for key in re.findall(r"\$\{(?!item\.)([\w.]+)\}", stage["cmd"]):
+    for key in re.findall(r"\$\{(?!item\.|key\})([\w.]+)\}", stage["cmd"]):  # ${key}: a foreach entry
         assert key in listed, f"{name}: the command reads {key} but params does not list it"
     outputs = {fill(next(iter(o)) if isinstance(o, dict) else o, i)
                for s in PIPELINE["stages"].values() for i in matrix_items(s)
-               for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
+               for kind in ("outs", "metrics", "plots") for o in body(s).get(kind, [])}
     for dep in stage.get("deps", []):
         path = fill(dep, item)
         # a folder of other stages' outputs (the comparison's cells) is a dependency too
