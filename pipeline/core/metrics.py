@@ -43,26 +43,19 @@ def defense_detection_rates(flags: str, flagged: set[int], excluded: list[list[i
     if flags == "none":
         return None, None
     rounds = [sorted(flagged)] if flags == "run" else excluded
-    if participants is not None and flags == "run":
-        participants = [sorted({u for ids in participants for u in ids})]
+    if participants is None:  # everyone, every round
+        judged = [torch.arange(len(malicious))] * len(rounds)
+    elif flags == "run":
+        judged = [torch.as_tensor(sorted({u for ids in participants for u in ids}), dtype=torch.long)]
+    else:
+        judged = [torch.as_tensor(ids, dtype=torch.long) for ids in participants]
     rates = []
-    for i, ids in enumerate(rounds):
+    for ids, users in zip(rounds, judged):
         mask = torch.zeros_like(malicious, dtype=torch.bool)
         mask[ids] = True
-        if participants is None:
-            rates.append(detection_rates(mask, malicious))
-        else:
-            judged = torch.as_tensor(participants[i], dtype=torch.long)
-            rates.append(detection_rates(mask[judged], malicious[judged]))
-    if participants is not None:  # the rounds where a rate is defined
-        dr, fpr = ([r[k] for r in rates if r[k] is not None] for k in (0, 1))
-        return (sum(dr) / len(dr) if dr else None), (sum(fpr) / len(fpr) if fpr else None)
-    dr, fpr = zip(*rates) if rates else ((None,), (None,))
-    return _mean(dr), _mean(fpr)
-
-
-def _mean(values) -> float | None:
-    return None if any(v is None for v in values) else sum(values) / len(values)
+        rates.append(detection_rates(mask[users], malicious[users]))
+    dr, fpr = ([r[k] for r in rates if r[k] is not None] for k in (0, 1))  # the rounds where each is defined
+    return (sum(dr) / len(dr) if dr else None), (sum(fpr) / len(fpr) if fpr else None)
 
 
 def accuracy_drop(benign_accuracy: float | None, accuracy: float) -> float | None:

@@ -35,7 +35,7 @@ class Uploads:
     NaN at every coordinate the user did not upload."""
 
     round: int
-    user_ids: torch.Tensor  # (users,)
+    user_ids: torch.Tensor  # (users,): ascending; under users.per_round the round's participants only
     updates: torch.Tensor  # (users, parameters): change of the local parameters; NaN where not uploaded
 
 
