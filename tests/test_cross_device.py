@@ -66,21 +66,27 @@ class Seen(Callback):
         self.rounds.append(metrics)
 
 
-def test_only_the_sampled_users_train_upload_and_reach_the_defense():
-    config = cfg()
-    received = []
-    loop = make_loop(config, "attack")
-    inner = loop.defense
+def record_uploads(loop) -> list[Uploads]:
+    """The list the loop's defense will append every round's uploads to, as it receives them."""
+    received, inner = [], loop.defense
 
     class Recording:
         def aggregate(self, uploads):
-            received.append(uploads.user_ids.tolist())
+            received.append(uploads)
             return inner.aggregate(uploads)
 
         state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
 
     loop.defense = Recording()
+    return received
+
+
+def test_only_the_sampled_users_train_upload_and_reach_the_defense():
+    config = cfg()
+    loop = make_loop(config, "attack")
+    received = record_uploads(loop)
     loop.run()
+    received = [u.user_ids.tolist() for u in received]
     expected = [sample_users(10, 4, loop.data.malicious, "sampled", 0, r).tolist() for r in range(1, 7)]
     assert received == expected == loop.participants
     present = [int(loop.data.malicious[ids].sum()) for ids in expected]
@@ -182,18 +188,9 @@ def test_fedsgd_uploads_one_gradient_step_on_one_batch():
     start = parameters_to_vector(loop.module.parameters()).detach().clone()
     schedule = loop.schedule(loop.data.user_indices, loop.behaviour.epochs, 1)
     assert schedule.shape[0] == 1
-    received = []
-    inner = loop.defense
-
-    class Recording:
-        def aggregate(self, uploads):
-            received.append(uploads.updates.clone())
-            return inner.aggregate(uploads)
-
-        state_dict, load_state_dict = inner.state_dict, inner.load_state_dict
-
-    loop.defense = Recording()
+    received = record_uploads(loop)
     loop.run()
+    received = [u.updates for u in received]
     user = 2
     batch = schedule[0, user][schedule[0, user] >= 0]
     model = make_loop(config, "benign").module
