@@ -25,6 +25,11 @@ class LocalModel(Protocol):
     them all at once, so it cannot call the module's Lightning hooks; it
     relies on these members instead. A model is also expected to be a
     ``torch.nn.Module`` (it is passed to ``torch.func.functional_call``).
+
+    A ``net`` of image layers (``Conv2d``, ``GroupNorm``, pooling, elementwise), then ``Flatten``,
+    then Linear and elementwise layers trains in one grouped pass, given ``shape_input``; a block
+    inside it that only combines its submodules' outputs channel by channel (a residual block)
+    says so with a class attribute ``channelwise = True``.
     """
 
     @property
@@ -41,9 +46,14 @@ class LocalModel(Protocol):
         ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits: shape the input, then ``net``. Run per user (``functional_call``)
-        when ``net`` is not a Linear stack; for a Linear stack the fast path
-        assumes the shaping is ``x.flatten(1)``, so ``forward`` must agree with it."""
+        """Logits: ``net(shape_input(x))``. Run per user (``functional_call``) when
+        ``net`` is neither a Linear stack nor groupable; for a Linear stack the fast
+        path assumes the shaping is ``x.flatten(1)``, so ``forward`` must agree with it."""
+        ...
+
+    def shape_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs as ``net`` takes it, sample by sample (images ``(batch, C, H, W)``
+        for a convolutional ``net``)."""
         ...
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

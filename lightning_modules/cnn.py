@@ -4,8 +4,9 @@ connected" description.
 
 The default widths (16 and 32 channels, 128 hidden units, ~122k parameters)
 are chosen for CPU: one training step of 30 users x 32 images takes about
-0.3-0.5 s on 2 cores, while the wider 32/64/256 variant (~475k parameters)
-costs about 2-3x that and gives AUROR 4x more features to cluster. Both are
+0.13 s on 2 cores (``benchmarks/bench_conv_round.py``), while the wider
+32/64/256 variant (~475k parameters) costs more and gives AUROR 4x more
+features to cluster. Both are
 one argument away. lr=0.1 learned fastest of {0.01, 0.05, 0.1} on GTSRB
 (2 epochs over 8,000 images: 22%, 74%, 88% test accuracy).
 """

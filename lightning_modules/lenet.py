@@ -2,7 +2,7 @@
 
 LeCun et al. 1998, with ReLU and max-pooling as the federated-learning literature uses it:
 conv(5x5, 6, padding 2) - pool - conv(5x5, 16) - pool - 120 - 84 - classes (61,706 parameters
-for 10 classes). Users train it one at a time (``functional_call``), as the GTSRB CNN.
+for 10 classes). Users train it together in one grouped pass (``pipeline.core.local_training``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv + GroupNorm, a ReLU between and after; the shortcut is a strided 1x1 conv
     + GroupNorm when the shape changes."""
 
+    # forward only adds and rectifies its branches' outputs, channel by channel: local training may run
+    # it over many users' channels side by side (``pipeline.core.local_training.grouped_layers``)
+    channelwise = True
+
     def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
         super().__init__()
         self.body = nn.Sequential(*conv_norm(in_channels, out_channels, stride, groups), nn.ReLU(),

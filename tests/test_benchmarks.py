@@ -97,3 +97,11 @@ def test_cross_device_benchmark_runs(capsys, monkeypatch, tmp_path):
     assert set(figures) == {"1000 x 60 / bound", "10000 x 6 / bound", "10000 x 6 / 1000 x 6"}
     assert all(r > 0 for r in figures.values())
     assert "ratio 10,000 users / 1,000 users" in capsys.readouterr().out
+
+
+def test_convolutional_round_benchmark_times_every_model(capsys):
+    ratios = load("bench_conv_round").main(["--users", "2", "--samples", "16", "--repeats", "1"])
+    assert set(ratios) == {f"{m} {r}" for m in ("lenet5", "cnn", "resnet8")
+                           for r in ("ours / bound", "one user at a time / ours")}
+    assert all(r > 0 for r in ratios.values())
+    assert "target: ours / bound <= 1.5" in capsys.readouterr().out

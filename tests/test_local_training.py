@@ -6,7 +6,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.digits import DigitsDataModule
 from lightning_modules.mlp import MLPClassifier
-from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.local_training import CPU_USERS_PER_PASS, grouped_layers, train_users, user_batches
 
 
 def small_setup():
@@ -104,7 +104,7 @@ class OtherNet(torch.nn.Module):
 
 
 class TinyConvNet(torch.nn.Module):
-    """Convolutions: one functional_call per user."""
+    """Convolutions without ``shape_input``: one functional_call per user."""
 
     def __init__(self):
         super().__init__()
@@ -163,3 +163,84 @@ def test_one_start_per_user():
     for user in range(4):
         alone = train_users(module, starts[user], data.train_x, data.train_y, schedule, multipliers)
         torch.testing.assert_close(together[user], alone[user], rtol=1e-5, atol=1e-6)
+
+
+class Opaque(torch.nn.Module):
+    """A block that does not declare ``channelwise``: its forward could mix channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x).flip(1)
+
+
+class GroupedConvNet(torch.nn.Module):
+    """Every layer the grouped pass stacks: padded and depthwise convolutions with and without bias,
+    GroupNorm, average and max pooling, a residual-style channelwise block, then Linear and Tanh."""
+
+    class Block(torch.nn.Module):
+        channelwise = True
+
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False),
+                                            torch.nn.GroupNorm(2, 4))
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + x)
+
+    def __init__(self, middle=None):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU(),
+            middle or self.Block(), torch.nn.AvgPool2d(2), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 10),
+        )
+
+    def shape_input(self, x):
+        return x.reshape(-1, 1, 8, 8)
+
+    def forward(self, x):
+        return self.net(self.shape_input(x))
+
+    loss = staticmethod(MLPClassifier.loss)
+
+    def make_optimizer(self, params, lr_multiplier: float = 1.0):
+        return torch.optim.SGD(params, lr=0.2 * lr_multiplier, momentum=0.5)
+
+
+def test_the_grouped_pass_takes_the_shipped_convolutional_models_and_nothing_it_cannot_stack():
+    from lightning_modules.cnn import CNNClassifier
+    from lightning_modules.lenet import LeNet5Classifier
+    from lightning_modules.resnet import ResNet8Classifier
+
+    for module in (LeNet5Classifier(10), CNNClassifier(43), ResNet8Classifier(10), GroupedConvNet()):
+        assert grouped_layers(module, 3) is not None, type(module).__name__
+    # no convolution (the MLP: its own path), no shape_input, a block that may mix channels, dropout
+    for module in (MLPClassifier(64, 10), TinyConvNet(), GroupedConvNet(Opaque()),
+                   GroupedConvNet(torch.nn.Dropout(0.5))):
+        assert grouped_layers(module, 3) is None
+
+
+def test_grouped_convolutions_equal_training_each_user_alone():
+    """In float64, so that only float reordering separates the paths; more users than one CPU pass holds."""
+    data, _ = small_setup()
+    users = CPU_USERS_PER_PASS + 2
+    indices = [data.user_indices[u % 4][: 24 + 4 * u] for u in range(users)]  # unequal sizes
+    epochs = [1 + u % 3 for u in range(users)]
+    multipliers = torch.linspace(0.5, 2.0, users, dtype=torch.float64)
+    schedule = user_batches(indices, epochs, 8, seed=0, round_=1)
+    x, y = data.train_x.double(), data.train_y
+    torch.manual_seed(2)
+    module = GroupedConvNet().double()
+    global_params = parameters_to_vector(module.parameters()).detach().clone()
+    together = train_users(module, global_params, x, y, schedule, multipliers)
+    expected = train_each_alone(module, global_params, x, y, schedule, multipliers)
+    torch.testing.assert_close(together, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(together, global_params.expand_as(together))
+    opaque = GroupedConvNet(Opaque()).double()  # the per-user path, the same contract
+    start = parameters_to_vector(opaque.parameters()).detach().clone()
+    torch.testing.assert_close(train_users(opaque, start, x, y, schedule, multipliers),
+                               train_each_alone(opaque, start, x, y, schedule, multipliers), rtol=1e-10, atol=1e-12)
