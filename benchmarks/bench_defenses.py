@@ -45,6 +45,7 @@ from pipeline.core.errors import ConfigError  # noqa: E402
 from pipeline.core.local_training import train_users, user_batches  # noqa: E402
 from pipeline.core.server import ServerInputs, Uploads, parameter_layout  # noqa: E402
 from pipeline.defenses import REGISTRY  # noqa: E402
+from pipeline.defenses.compose import defense_class  # noqa: E402
 
 SIZES = ["30x2000:128,64", "100x600:512,512"]
 TARGET = 0.10  # of one round, at the first size
@@ -57,10 +58,15 @@ def parse_size(text: str) -> tuple[int, int, list[int]]:
     return int(users), int(samples), [int(h) for h in hidden.split(",")]
 
 
+# every rule, and each pre-aggregator in front of the median (a pre-aggregator is an arm only composed)
+TIMED = [*(name for name, d in REGISTRY.items() if not d.pre_aggregator),
+         *(f"{name}+median" for name, d in REGISTRY.items() if d.pre_aggregator)]
+
+
 def defense_step(name: str, updates: torch.Tensor, server: ServerInputs):
-    """One server step of a fresh ``name`` defense on ``updates`` (round 1)."""
-    cls = REGISTRY[name]
-    params = cls.Params()
+    """One server step of a fresh ``name`` defense (a composed one: ``<pre>+<rule>``) on ``updates`` (round 1)."""
+    cls = defense_class(name)
+    params = {part: REGISTRY[part].Params() for part in name.split("+")} if "+" in name else cls.Params()
     if name in ("auror", "auror_guard"):
         params = dataclasses.replace(params, window_rounds=1)  # detect in this very call
     uploads = Uploads(1, torch.arange(updates.shape[0], device=updates.device), updates)
@@ -90,7 +96,7 @@ def bench_size(users: int, samples: int, hidden: list[int], repeats: int, device
     root = updates.mean(0)  # stands for the server's own update (FLTrust)
     server = ServerInputs(parameter_layout(module), seed, root_update=lambda round_: root)
     candidates = {"local round": local_round}
-    candidates |= {name: defense_step(name, updates, server) for name in REGISTRY}
+    candidates |= {name: defense_step(name, updates, server) for name in TIMED}
     print(f"\n{users} users x {samples} samples, MLP {x.shape[1]}-{'-'.join(map(str, hidden))}-10 "
           f"({start.numel():,} parameters); {note}")
     times = interleaved_times(candidates, {name: repeats for name in candidates}, device)

@@ -1,3 +1,8 @@
+import importlib
+import importlib.util
+import sys
+import types
+
 import pytest
 
 from pipeline.experiment.config import load_config
@@ -18,3 +23,22 @@ def tiny_config(tmp_path):
         f"tracking.artifact_dir={tmp_path}/mlruns/artifacts",
         f"tracking.reports_dir={tmp_path}/reports",
     ])
+
+
+@pytest.fixture(scope="module")
+def byzfl():
+    """byzfl's aggregators (a test-only dependency; skipped without it), imported without
+    running ``byzfl/__init__``, which imports torchvision and its benchmark (5 to 15 s)."""
+    if "byzfl" in sys.modules:
+        return importlib.import_module("byzfl.aggregators")
+    spec = importlib.util.find_spec("byzfl")
+    if spec is None:
+        pytest.skip("byzfl is not installed")
+    stub = types.ModuleType("byzfl")
+    stub.__path__ = list(spec.submodule_search_locations)
+    sys.modules["byzfl"] = stub
+    try:
+        return importlib.import_module("byzfl.aggregators")
+    finally:  # leave no trace: a later `import byzfl` loads the real package afresh
+        for name in [m for m in sys.modules if m == "byzfl" or m.startswith("byzfl.")]:
+            del sys.modules[name]

@@ -124,7 +124,7 @@ def test_run_gives_what_auror_run_reports(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("overrides, kwargs, message", [
     ([], {"arms": ["benign", "krumm"]},
      "--arms: must be benign, attack or a registered defense ({}), got 'krumm'".format(", ".join(
-         n for n in DEFENSES if n != "none"))),
+         n for n, d in DEFENSES.items() if n != "none" and not d.pre_aggregator))),
     (["training.rounds=2"], {}, "defense.auror.window_rounds: must be in [1, training.rounds=2], got 3"),
     ([], {"arms": []}, "arms: give at least one arm (None: benign, attack, auror), got []"),
     ([], {"seeds": [-1]}, "seeds: must be in [0, 4294967295], got -1"),
@@ -164,7 +164,7 @@ def test_run_revalidates_a_config_edited_by_hand(tmp_path, no_work):
 
 @pytest.mark.parametrize("arm, overrides, message", [
     ("krumm", [], "--arms: must be benign, attack or a registered defense ({}), got 'krumm'".format(
-        ", ".join(n for n in DEFENSES if n != "none"))),
+        ", ".join(n for n, d in DEFENSES.items() if n != "none" and not d.pre_aggregator))),
     ("auror", ["training.rounds=2"], "defense.auror.window_rounds: must be in [1, training.rounds=2], got 3"),
 ], ids=["unknown-arm", "window-longer-than-training"])
 def test_run_arm_refuses_before_any_work(arm, overrides, message, no_work):

@@ -66,7 +66,11 @@ WORKS = {
     "alie": (["attack.alie.z=5"], "attack", 0.05),
     "ipm": ([], "attack", 0.03),
     "min_max": (["attack.min_max.perturbation=sign"], "attack", 0.03),
+    "sign_flip": ([], "attack", 0.1),
+    "gaussian": ([], "attack", 0.05),
+    "mimic": (["users.partition=dirichlet"], "attack", 0.1),  # under IID a copied honest update hardly hurts
 }
+UNTARGETED = ("alie", "ipm", "min_max", "sign_flip", "gaussian", "mimic")
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -75,7 +79,7 @@ def test_each_attack_moves_its_success_above_the_benign_arm(name):
     cfg = load_config(DIGITS, [f"attack.name={name}", *overrides, "training.rounds=10", "training.device=cpu"])
     benign = run_arm(cfg, "benign").metrics
     attacked = run_arm(cfg, arm).metrics
-    assert (attacked["attack_success_rate"] is None) == (name in ("alie", "ipm", "min_max"))  # untargeted
+    assert (attacked["attack_success_rate"] is None) == (name in UNTARGETED)
     assert _success(attacked, benign) >= margin, (attacked, benign)
 
 
@@ -140,6 +144,32 @@ def test_alie_and_ipm_equal_byzfl():
         np.testing.assert_allclose(ipm_update(honest, eps).numpy(), reference, rtol=1e-12, atol=1e-12)
 
 
+def test_sign_flip_gaussian_and_mimic_equal_byzfl():
+    byzfl = pytest.importorskip("byzfl")
+    g = torch.Generator().manual_seed(1)
+    own, honest = torch.randn(3, 200, generator=g, dtype=torch.float64), torch.randn(8, 200, generator=g, dtype=torch.float64)
+
+    def craft(name, **params):
+        attack = REGISTRY[name](REGISTRY[name].Params(**params), None)
+        return attack.craft(RoundUpdates(4, own, honest if attack.omniscient else None, 11, seed=7))
+
+    flipped = craft("sign_flip")  # byzfl reverses the mean of what it is given: here, one attacker's update
+    for row in range(3):
+        np.testing.assert_array_equal(flipped[row].numpy(), byzfl.SignFlipping()(own[row:row + 1].numpy()))
+    torch.testing.assert_close(craft("sign_flip", scale=2.5), -2.5 * own)
+    for target in (0, 5, 8 + 5):  # rank 13 of 8 honest users wraps to 5
+        np.testing.assert_array_equal(craft("mimic", target=target)[1].numpy(),
+                                      byzfl.Mimic(epsilon=target % 8)(honest.numpy()))
+    # byzfl draws from torch's global generator, ours from one keyed by (seed, round): seeded alike, the same draw
+    from pipeline.attacks.gaussian import GAUSSIAN_STREAM
+    from pipeline.core.device import seeded_generator
+    noise = craft("gaussian", mu=0.5, sigma=2.0)
+    torch.manual_seed(seeded_generator(7, 4, GAUSSIAN_STREAM).initial_seed())
+    np.testing.assert_allclose(noise[0].numpy(), byzfl.Gaussian(mu=0.5, sigma=2.0)(own.float()).numpy(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(noise[0], noise[1])  # each attacker its own draw
+    assert torch.equal(noise, craft("gaussian", mu=0.5, sigma=2.0))  # the same run, the same noise
+
+
 def test_z_max_is_baruchs():
     # n = 50, m = 12 (the paper's CIFAR setting): s = 26 - 12 = 14, z = Phi^-1(36 / 50)
     assert z_max(50, 12) == pytest.approx(NormalDist().inv_cdf(36 / 50))
@@ -187,6 +217,9 @@ def test_the_anomaly_term_pulls_the_update_towards_the_global_model():
     ("attack.model_replacement.anomaly_weight=1", "attack.model_replacement.anomaly_weight"),
     ("attack.auror_adaptive.spread=nan", "attack.auror_adaptive.spread"),
     ("attack.backdoor.poisoned_fraction=1.5", "attack.backdoor.poisoned_fraction"),
+    ("attack.sign_flip.scale=0", "attack.sign_flip.scale"),
+    ("attack.gaussian.sigma=-1", "attack.gaussian.sigma"),
+    ("attack.mimic.target=-1", "attack.mimic.target"),
 ])
 def test_bad_attack_parameters_are_one_line_errors(override, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
@@ -230,10 +263,10 @@ def test_the_docs_example_attack_runs(monkeypatch):
     monkeypatch.setattr(attacks, "REGISTRY", dict(attacks.REGISTRY))  # the example registers into a copy
     namespace: dict = {}
     exec(compile(code, "docs/extending.md", "exec"), namespace)
-    cls = attacks.REGISTRY["sign_flip"]
-    attack = cls(cls.Params(scale=2.0), load_config(None, []).attack)
+    cls = attacks.REGISTRY["scaled_update"]
+    attack = cls(cls.Params(factor=2.0), load_config(None, []).attack)
     own = torch.randn(2, 5)
-    assert torch.equal(attack.craft(RoundUpdates(1, own, None, 6)), -2.0 * own)
+    assert torch.equal(attack.craft(RoundUpdates(1, own, None, 6)), 2.0 * own)
     assert attack.success_metric == "accuracy_drop" and attack.success_rate(None, None, None, None) is None
-    with pytest.raises(ConfigError, match="^attack.sign_flip.scale: must be a finite number > 0"):
-        cls.Params(scale=-1.0).validate("attack.sign_flip")
+    with pytest.raises(ConfigError, match="^attack.scaled_update.factor: must be a finite number > 0"):
+        cls.Params(factor=-1.0).validate("attack.scaled_update")

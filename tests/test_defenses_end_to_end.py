@@ -11,21 +11,24 @@ import pipeline.experiment.arms as arms_module
 from datamodules.digits import DigitsDataModule
 from lightning_modules.cnn import CNNClassifier
 from pipeline.defenses import REGISTRY
+from pipeline.defenses.compose import defense_class
 from pipeline.experiment.cli import main
 from pipeline.experiment.config import load_config
 from pipeline.experiment.arms import ARMS, build_datamodule, run_arm
 from tests.conftest import TINY
 
-DEFENSES = [name for name in REGISTRY if name != "none"]
+DEFENSES = [name for name, d in REGISTRY.items() if name != "none" and not d.pre_aggregator]
+COMPOSED = ["nnm+median", "bucketing+krum"]  # each pre-aggregator in front of a rule
 
 
 def test_every_registered_defense_is_an_arm():
     assert list(ARMS) == ["benign", "attack", *DEFENSES]
+    assert {name for name, d in REGISTRY.items() if d.pre_aggregator} == {"nnm", "bucketing"}
     assert {"auror", "auror_output_layer", "krum", "multi_krum", "median", "trimmed_mean", "bulyan",
             "norm_clipping", "foolsgold", "fltrust", "flame"} <= set(DEFENSES)
 
 
-@pytest.mark.parametrize("defense", DEFENSES)
+@pytest.mark.parametrize("defense", DEFENSES + COMPOSED)
 def test_each_defense_trains_a_finite_model_and_reports_by_its_kind(defense):
     cfg = load_config(None, TINY)
     result = run_arm(cfg, defense)
@@ -33,11 +36,12 @@ def test_each_defense_trains_a_finite_model_and_reports_by_its_kind(defense):
     assert 0 <= result.metrics["accuracy"] <= 1 and 0 <= result.metrics["attack_success_rate"] <= 1
     assert result.detection["defense"] == defense
     dr, fpr = result.metrics["detection_rate"], result.metrics["false_positive_rate"]
-    if REGISTRY[defense].flags == "none":  # a robust aggregator flags nobody: DR and FPR are '-'
+    flags = defense_class(defense).flags
+    if flags == "none":  # a robust aggregator (or a composed arm) flags nobody: DR and FPR are '-'
         assert dr is None and fpr is None
     else:
         assert 0 <= dr <= 1 and 0 <= fpr <= 1
-    if REGISTRY[defense].flags == "round":
+    if flags == "round":
         assert len(result.detection["excluded_per_round"]) == cfg.training.rounds
         excluded = [len(ids) for ids in result.detection["excluded_per_round"]]
         assert [h["excluded_users"] for h in result.history] == excluded
@@ -112,7 +116,7 @@ class DigitsAsImages(DigitsDataModule):
         return up[0], arrays[1], up[1], arrays[3]
 
 
-@pytest.mark.parametrize("defense", DEFENSES)
+@pytest.mark.parametrize("defense", DEFENSES + COMPOSED)
 def test_each_defense_runs_with_a_convolutional_net(defense, monkeypatch):
     """The CNN's layout (conv and linear layers; per-user training through functional_call, FLTrust's
     root update included) works with every defense, as on GTSRB."""

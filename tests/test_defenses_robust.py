@@ -3,11 +3,8 @@ byzfl's reference aggregators, hand-worked cases, plain-loop references with
 missing values, and parameter validation."""
 
 import importlib
-import importlib.util
 import math
 import statistics
-import sys
-import types
 
 import pytest
 import torch
@@ -66,24 +63,7 @@ def test_the_docs_example_defense_runs(monkeypatch):
 
 
 # --- byzfl references (Krum / MultiKrum on float64 numpy: exact distances; Median / TrMean on torch) -----------
-
-@pytest.fixture(scope="module")
-def byzfl():
-    """byzfl's aggregators (a test-only dependency; skipped without it), imported without
-    running ``byzfl/__init__``, which imports torchvision and its benchmark (5 to 15 s)."""
-    if "byzfl" in sys.modules:
-        return importlib.import_module("byzfl.aggregators")
-    spec = importlib.util.find_spec("byzfl")
-    if spec is None:
-        pytest.skip("byzfl is not installed")
-    stub = types.ModuleType("byzfl")
-    stub.__path__ = list(spec.submodule_search_locations)
-    sys.modules["byzfl"] = stub
-    try:
-        return importlib.import_module("byzfl.aggregators")
-    finally:  # leave no trace: a later `import byzfl` loads the real package afresh
-        for name in [m for m in sys.modules if m == "byzfl" or m.startswith("byzfl.")]:
-            del sys.modules[name]
+# (the fixture ``byzfl``: tests/conftest.py)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", SEEDS)

@@ -26,9 +26,9 @@ from pipeline.lazy import torch
 
 from pipeline.core.metrics import attack_success_rate
 from pipeline.core.server import RoundUpdates
-from pipeline.defenses.base import check, finite_number
+from pipeline.defenses.base import check, finite_number, whole_number
 
-__all__ = ["Attack", "AttackParams", "Poisoned", "RoundUpdates", "UserData", "check", "finite_number"]
+__all__ = ["Attack", "AttackParams", "Poisoned", "RoundUpdates", "UserData", "check", "finite_number", "whole_number"]
 
 # how an attack's success is measured (the MLflow tag ``attack.success_metric``)
 SOURCE_TO_TARGET = "source_to_target"  # fraction of source-class test inputs classified as the target

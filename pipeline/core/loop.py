@@ -179,7 +179,7 @@ class CollaborativeLoop:
         honest = None
         if self.attack.omniscient:
             honest = updates[~attackers] if not attackers.all() else updates[attackers].clone()
-        crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers)))
+        crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers), self.seed))
         updates[attackers] = crafted.to(updates.dtype)  # the loop's own tensor, written in place
         return updates
 

@@ -23,6 +23,7 @@ class RoundUpdates:
     own: torch.Tensor  # (attackers, P): the malicious users' updates after local training (and the boost)
     honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
     num_users: int  # every user of the round, honest and malicious
+    seed: int = 0  # the run's seed, for attacks that draw random numbers
 
 
 @dataclass(frozen=True)

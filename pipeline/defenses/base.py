@@ -45,6 +45,11 @@ def finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def whole_number(value: Any) -> bool:
+    """An integer as YAML gives it (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_finite_fields(params: Any, key: str) -> None:
     """``"<key>.<field>: must be a finite number, got nan"`` for the first float field of the dataclass
     ``params`` that holds NaN or +-inf: the validation path runs it after every plug-in's own rules."""
@@ -85,7 +90,12 @@ class Defense:
       ``protocol.theta_u < 1``) correctly; the others are refused for such a config;
     - ``needs_root_data``: it reads ``ServerInputs.root_update`` (a clean root
       set held by the server, ``Params.root_size`` samples);
-    - ``search_ranges``: what ``auror tune --kind defense --defense <name>`` searches.
+    - ``search_ranges``: what ``auror tune --kind defense --defense <name>`` searches;
+    - ``pre_aggregator``: it maps the round's whole updates to other rows (:meth:`transform`) for a
+      rule to aggregate, and is an arm only in front of one, ``<pre>+<rule>``
+      (:mod:`pipeline.defenses.compose`);
+    - ``composable``: a rule a pre-aggregator may feed (its rows need not be one user each: it keeps
+      no state per user and its weights are no user's flags).
     """
 
     name: ClassVar[str]
@@ -96,6 +106,8 @@ class Defense:
     needs_root_data: ClassVar[bool] = False
     # the float parameters an Optuna defense study searches: field -> (low, high, log scale); empty: none
     search_ranges: ClassVar[dict[str, tuple[float, float, bool]]] = {}
+    pre_aggregator: ClassVar[bool] = False
+    composable: ClassVar[bool] = False
 
     def __init__(self, params: DefenseParams, server: ServerInputs) -> None:
         self.params = params
@@ -103,6 +115,10 @@ class Defense:
         self.flagged: set[int] = set()  # flags="run": the users flagged so far
 
     def aggregate(self, uploads: Uploads) -> Aggregate:
+        raise NotImplementedError
+
+    def transform(self, updates: torch.Tensor, round_: int) -> torch.Tensor:
+        """A pre-aggregator's rows for the rule, from the round's whole updates ``(n, P)``."""
         raise NotImplementedError
 
     def report(self) -> dict[str, Any]:

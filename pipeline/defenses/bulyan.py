@@ -93,6 +93,7 @@ class Bulyan(Defense):
     Params = BulyanParams
     search_ranges = {"byzantine_fraction": (0.05, 0.24, False)}
     flags = "round"
+    composable = True
     handles_missing = False
 
     def aggregate(self, uploads: Uploads) -> Aggregate:

@@ -99,6 +99,7 @@ class Flame(Defense):
     Params = FlameParams
     search_ranges = {"noise_lambda": (1e-4, 1e-2, True)}
     flags = "round"
+    composable = True
     handles_missing = False
 
     def aggregate(self, uploads: Uploads) -> Aggregate:

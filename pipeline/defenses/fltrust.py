@@ -28,7 +28,7 @@ from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, ServerInputs, Uploads, complete_rows
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, check
+from pipeline.defenses.base import Defense, DefenseParams, check, whole_number
 
 
 def fltrust(updates: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ class FLTrustParams(DefenseParams):
 
     def validate(self, key: str) -> None:
         n = self.root_size
-        check(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+        check(whole_number(n) and n >= 1,
               f"{key}.root_size", "must be an integer >= 1", n)
 
 
@@ -62,6 +62,7 @@ class FLTrust(Defense):
     summary = "FLTrust (NDSS 2021): weigh norm-matched updates by their cosine with the server's root-set update"
     Params = FLTrustParams
     flags = "round"
+    composable = True
     handles_missing = False
     needs_root_data = True
 

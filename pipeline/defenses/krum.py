@@ -100,6 +100,7 @@ class Krum(Defense):
     Params = KrumParams
     search_ranges = {"byzantine_fraction": (0.05, 0.45, False)}
     flags = "round"
+    composable = True
     handles_missing = False
 
     def num_selected(self, n: int, f: int) -> int:

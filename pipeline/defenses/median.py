@@ -35,6 +35,7 @@ class Median(Defense):
     name = "median"
     summary = "coordinate-wise median (Yin et al. 2018) over the users who uploaded each coordinate"
     flags = "none"
+    composable = True
     handles_missing = True
 
     def aggregate(self, uploads: Uploads) -> Aggregate:

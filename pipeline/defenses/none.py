@@ -20,6 +20,7 @@ class NoDefense(Defense):
     name = "none"
     summary = "no defense: per-coordinate mean of the uploads (FedAvg; DSSGD with theta_u < 1)"
     flags = "none"
+    composable = True
     handles_missing = True
 
     def aggregate(self, uploads: Uploads) -> Aggregate:

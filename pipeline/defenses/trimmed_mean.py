@@ -51,6 +51,7 @@ class TrimmedMean(Defense):
     Params = TrimmedMeanParams
     search_ranges = {"beta": (0.0, 0.45, False)}
     flags = "none"
+    composable = True
     handles_missing = True
 
     def aggregate(self, uploads: Uploads) -> Aggregate:

@@ -26,6 +26,7 @@ from pipeline.core.device import select_device
 from pipeline.core.metrics import defense_detection_rates
 from pipeline.core.sampling import round_size
 from pipeline.defenses import REGISTRY
+from pipeline.defenses.compose import defense_class, defense_params
 from pipeline.experiment.config import Config, ConfigError
 from pipeline.lazy import OnFirstUse, torch
 
@@ -41,8 +42,9 @@ digits, mnist, fashion_mnist, gtsrb, cifar10 = (OnFirstUse(f"datamodules.{name}"
 mlp, cnn, lenet, resnet = (OnFirstUse(f"lightning_modules.{name}") for name in ("mlp", "cnn", "lenet", "resnet"))
 core_loop = OnFirstUse("pipeline.core.loop")
 
-# benign and attack run without defense; every other arm is the attack against the defense of that name
-ARMS = ("benign", "attack", *(name for name in REGISTRY if name != "none"))
+# benign and attack run without defense; every other arm is the attack against the defense of that name (a
+# pre-aggregator only in front of a rule: "<pre>+<rule>", pipeline.defenses.compose)
+ARMS = ("benign", "attack", *(name for name, d in REGISTRY.items() if name != "none" and not d.pre_aggregator))
 DEFAULT_ARMS = ("benign", "attack", "auror")
 METRICS = ("accuracy", "attack_success_rate", "accuracy_drop", "detection_rate", "false_positive_rate")
 
@@ -89,12 +91,18 @@ def check_arms(cfg: Config, arms: Sequence[str]) -> list[str]:
     """The arms in run order (benign first: the others' accuracy drop needs it); raises
     :class:`ConfigError` for an unknown arm or a defense the config cannot run (its ``check_config``)."""
     for arm in arms:
-        if arm not in ARMS:
+        if arm in REGISTRY and REGISTRY[arm].pre_aggregator:
+            raise ConfigError(f"--arms: {arm} is a pre-aggregator: write it in front of a rule, e.g. {arm}+median")
+        if arm not in ARMS and "+" not in arm:
             raise ConfigError(f"--arms: must be benign, attack or a registered defense ({', '.join(ARMS[2:])}), "
                               f"got {arm!r}")
         name = arm_defense(arm)
-        REGISTRY[name].check_config(getattr(cfg.defense, name), cfg, f"defense.{name}")
-    return [a for a in ARMS if a in arms]
+        try:
+            cls = defense_class(name)
+        except ConfigError as err:  # a composition that is not one
+            raise ConfigError(f"--arms: {err}") from None
+        cls.check_config(defense_params(cfg.defense, name), cfg, f"defense.{name}")
+    return [a for a in ARMS if a in arms] + [a for a in dict.fromkeys(arms) if a not in ARMS]
 
 
 def make_attack(cfg: Config) -> Attack:
@@ -196,7 +204,12 @@ def sampled_size(cfg: Config) -> int | None:
 def root_size(cfg: Config, arm: str) -> int:
     """The server's root set for the arm's defense (FLTrust's), 0 for the others."""
     name = arm_defense(arm)
-    return getattr(cfg.defense, name).root_size if REGISTRY[name].needs_root_data else 0
+    return getattr(cfg.defense, root_defense(name)).root_size if defense_class(name).needs_root_data else 0
+
+
+def root_defense(name: str) -> str:
+    """The defense whose section holds the root set's size: the rule of a composed arm."""
+    return name.split("+")[-1]
 
 
 class DataCache:
@@ -214,7 +227,7 @@ class DataCache:
             if len(self._built) >= self.size:
                 del self._built[next(iter(self._built))]
             self._built[key] = build_datamodule(cfg, poison=False, root_size=root,
-                                                root_key=f"defense.{arm_defense(arm)}.root_size")
+                                                root_key=f"defense.{root_defense(arm_defense(arm))}.root_size")
         return self._built[key]
 
 
@@ -223,7 +236,7 @@ def make_loop(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint:
     """The arm's collaborative loop: its users' data (poisoned unless benign), model, defense and every
     setting of ``cfg`` the rounds read."""
     name = arm_defense(arm)
-    defense, params = REGISTRY[name], getattr(cfg.defense, name)
+    defense, params = defense_class(name), defense_params(cfg.defense, name)
     attack = make_attack(cfg)
     data = copy.copy((data or DataCache()).get(cfg, arm))  # poisoning replaces the copy's tensors, never the cache's
     attack.setup(data.train_x)
@@ -248,7 +261,7 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
     after every round) on ``training.device`` and evaluate it (no tracking).
     The clean data comes from ``data`` (built there once) or is built here.
     The returned module is on the CPU."""
-    defense = REGISTRY[arm_defense(arm)]
+    defense = defense_class(arm_defense(arm))
     loop = make_loop(cfg, arm, callbacks, checkpoint, data)
     module, data = loop.module, loop.data
     metrics: dict[str, float | None] = dict(loop.run())
@@ -269,6 +282,6 @@ def run_arm(cfg: Config, arm: str, callbacks: list[Callback] = (), checkpoint: C
 def arm_params(cfg: Config, arm: str) -> dict:
     """The config as MLflow params, with only this arm's defense section and the configured attack's
     section (the others do not apply)."""
-    own = (f"defense.{arm_defense(arm)}.", f"attack.{cfg.attack.name}.")
+    own = (*(f"defense.{part}." for part in arm_defense(arm).split("+")), f"attack.{cfg.attack.name}.")
     others = tuple(f"attack.{name}." for name in ATTACKS)
     return {k: v for k, v in cfg.flat().items() if not k.startswith(("defense.", *others)) or k.startswith(own)}

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.device import select_device
 from pipeline.core.metrics import accuracy_drop
 from pipeline.defenses import REGISTRY
-from pipeline.experiment.arms import arm_params, check_arms, run_arm, DataCache
+from pipeline.experiment.arms import ARMS, arm_params, check_arms, run_arm, DataCache
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
 from pipeline.experiment.storage import STUDY_STORAGE
 from pipeline.lazy import OnFirstUse
@@ -109,8 +109,8 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
         raise ConfigError(f"--kind: must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if spec.n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {spec.n_trials}")
-    if spec.defense not in REGISTRY or spec.defense == "none":
-        known = ", ".join(n for n in REGISTRY if n != "none")
+    if spec.defense not in ARMS[2:]:
+        known = ", ".join(ARMS[2:])
         raise ConfigError(f"--defense: must be one of {known}, got {spec.defense!r}")
     check_arms(cfg, [spec.defense])
     if spec.kind == "defense" and not REGISTRY[spec.defense].search_ranges:
