@@ -124,7 +124,7 @@ def test_trimmed_mean_count_is_exact_at_float_edges(byzfl):
 @pytest.mark.parametrize("shape, k", [((18, 5000), 6), ((7, 300), 1), ((33, 200), 33), ((4, 50), 2)])
 def test_smallest_rows_is_the_stable_argsort(kind, shape, k):
     """Bulyan's partial selection gives the rows a stable sort gives: the same aggregate to the last bit."""
-    from pipeline.defenses.bulyan import smallest_rows
+    from pipeline.defenses.median import smallest_rows
 
     x = matrix(shape, 3, duplicates=kind == "duplicates", integers=kind == "integers").abs()
     x[0, :7] = torch.tensor([0.0, -0.0, math.inf, 1e-45, 3.4e38, 0.0, 0.0])[: min(7, shape[1])]

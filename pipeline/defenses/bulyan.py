@@ -7,8 +7,8 @@ rest from the one distance matrix). Krum on ``r`` remaining rows sums the
 squared distances to the ``r - f - 2`` nearest others, at least 1 (the last
 selections have fewer: ``r`` ends at ``2f + 1``); ties go to the lower row.
 Aggregation: per coordinate, the mean of the ``beta = theta - 2f`` selected
-values closest to the selected values' median (the median of
-:mod:`pipeline.defenses.median`; ties in distance: the lower row).
+values closest to the selected values' median (``median.closest_to_median_mean``, also MeaMed's;
+ties in distance: the lower row).
 
 Assumed attackers: ``f = floor(byzantine_fraction * n)`` over the ``n`` usable
 (complete) rows, lowered to the largest with ``n >= 4f + 3``. With fewer than 3
@@ -25,10 +25,10 @@ from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads, complete_rows
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, DefenseParams, argsort_columns, check
+from pipeline.defenses.base import Defense, DefenseParams, check
 from pipeline.defenses.krum import (assumed_attackers, equal_weights, neighbour_scores, pairwise_sq_distances,
                                     plain_mean)
-from pipeline.defenses.median import coordinate_median
+from pipeline.defenses.median import closest_to_median_mean
 
 
 def bulyan_select(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -44,26 +44,6 @@ def bulyan_select(x: torch.Tensor, f: int) -> torch.Tensor:
         remaining[best] = False
         chosen.append(best)
     return torch.tensor(chosen, dtype=torch.long, device=x.device)
-
-
-def smallest_rows(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Per column of ``values`` (n, P; >= 0, no NaN), the rows of its ``k`` smallest, smallest first, ties to
-    the lower row: ``argsort(dim=0, stable=True)[:k]``, by a partial selection (``topk``) instead of a sort.
-    Each value becomes a unique integer key ordered as (value, row): a non-negative float32's bits, read as an
-    integer, order as the float does, and the row fills the low bits. (k, P)."""
-    if values.dtype != torch.float32:  # the key trick needs 32-bit floats
-        return argsort_columns(values)[:k]
-    n = values.shape[0]
-    bits = max(1, (n - 1).bit_length())
-    rows = torch.arange(n, device=values.device)[:, None]
-    keys = (values.view(torch.int32).to(torch.int64) << bits) | rows
-    return keys.topk(k, dim=0, largest=False, sorted=True).values & ((1 << bits) - 1)
-
-
-def closest_to_median_mean(x: torch.Tensor, beta: int) -> torch.Tensor:
-    """Per column of ``x`` (n, P), the mean of the ``beta`` values closest to the column's median. (P,)."""
-    distance = (x - coordinate_median(x)).abs()
-    return x.gather(0, smallest_rows(distance, beta)).mean(0)
 
 
 def bulyan(x: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:

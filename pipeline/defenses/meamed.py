@@ -1,7 +1,7 @@
 """Mean around the median (MeaMed: Xie, Koyejo & Gupta, "Generalized Byzantine-tolerant SGD", 2018).
 
 Per coordinate, the mean of the ``n - f`` values nearest that coordinate's median (Bulyan's
-second step, ``bulyan.closest_to_median_mean``; ties: the lower row first), with
+second step, ``median.closest_to_median_mean``; ties: the lower row first), with
 ``f = floor(byzantine_fraction x n)`` lowered to ``(n - 1) // 2``. byzfl's ``Meamed(f)`` (tested equal). Over the round's whole updates; partial (masked) uploads are refused.
 
 Parameters (``defense.meamed``): ``byzantine_fraction`` in [0, 0.5) (default 0.3).
@@ -16,8 +16,8 @@ from pipeline.lazy import torch
 from pipeline.core.server import Aggregate, Uploads, complete_rows
 from pipeline.defenses import register
 from pipeline.defenses.base import Defense, DefenseParams, check
-from pipeline.defenses.bulyan import closest_to_median_mean
 from pipeline.defenses.krum import assumed_attackers
+from pipeline.defenses.median import closest_to_median_mean
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pipeline.lazy import torch
 
 from pipeline.core.server import Aggregate, Uploads
 from pipeline.defenses import register
-from pipeline.defenses.base import Defense, sort_columns
+from pipeline.defenses.base import Defense, argsort_columns, sort_columns
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
@@ -40,3 +40,23 @@ class Median(Defense):
 
     def aggregate(self, uploads: Uploads) -> Aggregate:
         return Aggregate(coordinate_median(uploads.updates))
+
+
+def smallest_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Per column of ``values`` (n, P; >= 0, no NaN), the rows of its ``k`` smallest, smallest first, ties to
+    the lower row: ``argsort(dim=0, stable=True)[:k]``, by a partial selection (``topk``) instead of a sort.
+    Each value becomes a unique integer key ordered as (value, row): a non-negative float32's bits, read as an
+    integer, order as the float does, and the row fills the low bits. (k, P)."""
+    if values.dtype != torch.float32:  # the key trick needs 32-bit floats
+        return argsort_columns(values)[:k]
+    n = values.shape[0]
+    bits = max(1, (n - 1).bit_length())
+    rows = torch.arange(n, device=values.device)[:, None]
+    keys = (values.view(torch.int32).to(torch.int64) << bits) | rows
+    return keys.topk(k, dim=0, largest=False, sorted=True).values & ((1 << bits) - 1)
+
+
+def closest_to_median_mean(x: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per column of ``x`` (n, P), the mean of the ``beta`` values closest to the column's median. (P,)."""
+    distance = (x - coordinate_median(x)).abs()
+    return x.gather(0, smallest_rows(distance, beta)).mean(0)

@@ -91,6 +91,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worst_case(args: argparse.Namespace) -> int:
+    from pipeline.experiment.worst_case import run_worst_case
+
+    if args.seeds and len(args.seeds) > 1:
+        raise ConfigError("--seeds: auror worst-case runs one seed per trial; give one seed (or --set seed=N)")
+    cfg = dataclasses.replace(args.cfg, seed=args.seeds[0]) if args.seeds else args.cfg
+    md = run_worst_case(cfg, args.defenses, args.attacks, args.n_trials, args.storage, args.name, command_line(args))
+    print_written(md)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.experiment.report import run_report
 
@@ -245,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-malicious-fraction", type=float,
                       help="attack study: at most this fraction of malicious users (default: the configured one)")
     tune.set_defaults(func=cmd_tune)
+    worst = sub.add_parser("worst-case", help="each defense against its worst attacker: per (defense, attack) pair "
+                           "an Optuna study of the attack's knobs (the attackers fixed by the setting) maximising its "
+                           "success; resumable, split between workers that share --storage; writes "
+                           "worst_case_<dataset>.md/.json/.png")
+    add_config_arguments(worst)
+    worst.add_argument("--defenses", nargs="+", metavar="DEFENSE", help="the defenses judged (default: every one)")
+    worst.add_argument("--attacks", nargs="+", metavar="ATTACK",
+                       help="the attacks searched (default: every attack with knobs to search)")
+    worst.add_argument("--n-trials", type=int, default=10,
+                       help="each study's total of finished trials, trial 0 the configured knobs (default 10)")
+    worst.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
+                       "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
+    worst.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default worst_case_<dataset>)")
+    worst.set_defaults(func=cmd_worst_case)
     report = sub.add_parser("report", help="run the paper's settings for the configured dataset and write "
                             "a Markdown table beside the paper's numbers (e.g. --params configs/mnist.yaml)")
     add_config_arguments(report)
@@ -348,9 +373,9 @@ def lost_server(err: BaseException, args: argparse.Namespace) -> tuple[str, str,
     tracking = args.cfg.tracking.tracking_uri if getattr(args, "cfg", None) else ""
     for e in chain:
         if sa is not None and isinstance(e, (sa.exc.OperationalError, sa.exc.InterfaceError)):
-            if args.command in ("compare", "sweep", "report", "tune"):
+            if args.command in ("compare", "sweep", "report", "tune", "worst-case"):
                 return "the storage", getattr(args, "storage", None) or (
-                    STUDY_STORAGE if args.command == "tune" else SWEEP_STORAGE), e
+                    STUDY_STORAGE if args.command in ("tune", "worst-case") else SWEEP_STORAGE), e
             return "the tracking store", tracking, e
         if (requests is not None and isinstance(e, requests.exceptions.RequestException)) or (
                 mlflow is not None and isinstance(e, mlflow.exceptions.MlflowException) and "API request" in str(e)):

@@ -33,14 +33,17 @@ def max_malicious_users(cfg: Config, budget: float) -> int:
     return math.floor(budget * cfg.users.num_users + 1e-9)
 
 
-def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
-    """The configured attack's search space and the number of malicious users, as overrides."""
+def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float | None) -> list[str]:
+    """The configured attack's search space and the number of malicious users (up to ``budget``; None: the
+    configured users, not searched), as overrides."""
     overrides = ATTACKS[cfg.attack.name].search_space(trial, cfg)
+    if budget is None:
+        return overrides
     users = trial.suggest_int("users.malicious_users", 1, max_malicious_users(cfg, budget))
     return [*overrides, f"users.malicious_fraction={users / cfg.users.num_users!r}"]
 
 
-def suggest(kind: str, defense: str, trial: optuna.Trial, cfg: Config, budget: float) -> list[str]:
+def suggest(kind: str, defense: str, trial: optuna.Trial, cfg: Config, budget: float | None) -> list[str]:
     """A trial's parameters as config overrides: the defense's own search space, or the attack's."""
     if kind == "defense":
         return REGISTRY[defense].search_space(trial, cfg)

@@ -92,6 +92,7 @@ class StudySpec:
     storage: str | None = None  # None: STUDY_STORAGE
     study_name: str | None = None
     max_malicious_fraction: float | None = None
+    fixed_attackers: bool = False  # kind attack: search the attack's knobs only, with the configured attackers
     extra_callbacks: list[Callback] = field(default_factory=list)  # added to every trial's loop (tests)
 
 
@@ -199,7 +200,8 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
             trial.set_user_attr("surplus", True)
             raise studies.SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
         # the first trial is the configured setting: it searches nothing
-        overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(spec.kind, spec.defense, trial, spec.cfg, budget)
+        overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(
+            spec.kind, spec.defense, trial, spec.cfg, None if spec.fixed_attackers else budget)
         trial.set_user_attr("overrides", overrides)
         cfg = with_overrides(spec.cfg, overrides)
         tags = {**tracking.run_tags(cfg, spec.defense), "optuna_study": name, "optuna_trial": str(trial.number),
@@ -232,7 +234,10 @@ def run_study(spec: StudySpec) -> StudyResult:
     if base.tracking.tracking_uri.startswith(("http://", "https://")):  # before the study is opened or made
         tracking.check_tracking_server(base.tracking.tracking_uri, base.tracking.experiment)
     storage = studies.open_storage(spec.storage or STUDY_STORAGE)
-    study = studies.open_study(storage, name, studies.study_setting(spec.kind, spec.defense, base, budget), base.seed)
+    setting = studies.study_setting(spec.kind, spec.defense, base, budget)
+    if spec.fixed_attackers:  # (a key only then: the studies made before it are still found)
+        setting["fixed_attackers"] = True
+    study = studies.open_study(storage, name, setting, base.seed)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
                                                n_warmup_steps=objectives.warmup_rounds(spec.kind, spec.defense, base))
     experiment_id = tracking.setup_mlflow(base)

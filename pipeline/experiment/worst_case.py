@@ -1,0 +1,183 @@
+"""Each defense judged against its worst attacker (``auror worst-case``).
+
+For every (defense, attack) pair whose attack has searchable knobs (its ``search_ranges``), an Optuna
+study of ``auror tune --kind attack`` against that defense, with the attackers the setting fixes (their
+number is not searched: it is the threat model, not a knob), maximises the attack's own success: SR
+for a targeted attack, the accuracy drop against the benign arm for an untargeted one. Trial 0 of
+each study is the attack at its configured knobs (the default-knob value); per-round reports prune
+hopeless trials (:mod:`pipeline.experiment.tune`). The studies live in the Optuna storage: workers that
+run the same command with the same ``--storage`` split every study's trials, and running it again
+continues each study to ``--n-trials`` (a finished study runs nothing) and rewrites the report.
+
+The report, ``<reports_dir>/<name>.md/.json/.png`` (default name ``worst_case_<dataset>``): per defense,
+its worst targeted SR and worst accuracy drop over the attacks, the attack and knobs that reached
+them, beside that attack's default-knob value; every pair's default and worst value; a heatmap.
+Each study's trials are in ``<reports_dir>/worst_case/<dataset>/trials_<study>.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from pipeline.attacks import REGISTRY as ATTACKS
+from pipeline.attacks.base import ACCURACY_DROP
+from pipeline.experiment.arms import ARMS
+from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
+from pipeline.experiment.store import check_report, report_config
+from pipeline.experiment.tune import StudySpec, run_study, validate_spec
+
+log = logging.getLogger("auror")
+
+
+def searchable_attacks() -> list[str]:
+    """The attacks with knobs to search (every registered one with ``search_ranges``)."""
+    return [name for name, attack in ATTACKS.items() if attack.search_ranges]
+
+
+def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_trials: int,
+         storage: str | None) -> list[StudySpec]:
+    """One study per (defense, attack) pair, every one validated before any runs."""
+    defenses = defenses or list(ARMS[2:])
+    attacks = attacks or searchable_attacks()
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ConfigError(f"--attacks: must be registered attacks ({', '.join(ATTACKS)}), got {name!r}")
+        if not ATTACKS[name].search_ranges:
+            raise ConfigError(f"--attacks: {name} has no knobs to search ({', '.join(searchable_attacks())} have)")
+    bad = next((d for d in defenses if d not in ARMS[2:]), None)
+    if bad is not None:
+        raise ConfigError(f"--defenses: must be registered defenses ({', '.join(ARMS[2:])}), got {bad!r}")
+    base = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, reports_dir=str(Path(cfg.tracking.reports_dir) / "worst_case" / cfg.data.name)))
+    specs = []
+    for attack in dict.fromkeys(attacks):
+        attacked = with_overrides(base, [f"attack.name={attack}"])
+        for defense in dict.fromkeys(defenses):
+            spec = StudySpec(attacked, "attack", defense, n_trials, storage,
+                             f"worst-{attack}-{defense}-{cfg.data.name}", fixed_attackers=True)
+            validate_spec(spec, attacked)
+            specs.append(spec)
+    return specs
+
+
+def summarise(spec: StudySpec, study) -> dict:
+    """A pair's row: its default-knob value (trial 0), its worst (the study's best) and the knobs of it."""
+    attack = spec.cfg.attack.name
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    baseline = next((t for t in study.trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"), None)
+    completed = [t for t in finished if t.state.name == "COMPLETE"]
+    best = max(completed, key=lambda t: t.value) if completed else None
+    return {"defense": spec.defense, "attack": attack, "study": spec.study_name,
+            "metric": "AD" if ATTACKS[attack].success_metric == ACCURACY_DROP else "SR",
+            "default": None if baseline is None else baseline.value,
+            "worst": None if best is None else best.value, "worst_trial": None if best is None else best.number,
+            "knobs": None if best is None else best.user_attrs.get("overrides", []), "trials": len(finished)}
+
+
+def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_trials: int,
+                   storage: str | None, name: str | None, command: str) -> Path:
+    """Run (or continue) every pair's study, then write the report; returns the Markdown's path."""
+    if n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {n_trials}")
+    name = check_name("--name", name or f"worst_case_{cfg.data.name}")
+    json_path = Path(cfg.tracking.reports_dir) / f"{name}.json"
+    config = report_config(cfg)
+    check_report(json_path, config, "give --name NAME to write this report as NAME.md beside it")
+    specs = plan(cfg, defenses, attacks, n_trials, storage)
+    rows = []
+    for i, spec in enumerate(specs, start=1):
+        log.info("== study %d/%d: %s against %s (%s)", i, len(specs), spec.cfg.attack.name, spec.defense,
+                 spec.study_name)
+        rows.append(summarise(spec, run_study(spec).study))
+    return write_report(rows, cfg, config, n_trials, command, Path(cfg.tracking.reports_dir) / name)
+
+
+def leaderboard(rows: list[dict]) -> list[dict]:
+    """Per defense: its worst SR and worst AD over the attacks, with the attack, knobs and default value."""
+    board = []
+    for defense in dict.fromkeys(r["defense"] for r in rows):
+        entry = {"defense": defense}
+        for metric in ("SR", "AD"):
+            scored = [r for r in rows if r["defense"] == defense and r["metric"] == metric and r["worst"] is not None]
+            top = max(scored, key=lambda r: r["worst"], default=None)
+            entry[metric] = None if top is None else {k: top[k] for k in ("attack", "worst", "default", "knobs")}
+        board.append(entry)
+    return board
+
+
+def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, command: str, stem: Path) -> Path:
+    """``<stem>.json`` (config, budget, every pair, the leaderboard), ``<stem>.md`` and the heatmap ``<stem>.png``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    board = leaderboard(rows)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": board}, indent=1) + "\n")
+
+    def value(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    def knobs(overrides: list[str] | None) -> str:
+        return "configured" if not overrides else ", ".join(f"`{o}`" for o in overrides)
+
+    lines = [f"# {cfg.data.name}: each defense against its worst attacker", "",
+             f"Produced by `{command}`: per (defense, attack) pair an Optuna study of at most {n_trials} trials "
+             f"(trial 0: the attack's configured knobs) maximising the attack's success with the setting's "
+             f"{cfg.users.malicious_fraction:.0%} malicious users; config {config['hash']}, every value in "
+             f"`{stem.name}.json`. SR: attack success rate (targeted); AD: accuracy drop against the benign arm "
+             "(untargeted). Each cell: worst (default knobs).", "",
+             "| defense | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|"]
+    for entry in board:
+        cells = []
+        for metric in ("SR", "AD"):
+            top = entry[metric]
+            cells += (["-", "-"] if top is None else
+                      [f"{value(top['worst'])} ({value(top['default'])})", f"{top['attack']} ({knobs(top['knobs'])})"])
+        lines.append(f"| {entry['defense']} | " + " | ".join(cells) + " |")
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    lines += ["", "Every pair, worst (default knobs) and trials finished:", "",
+              "| defense | " + " | ".join(f"{a} {next(r['metric'] for r in rows if r['attack'] == a)}" for a in attacks)
+              + " |", "|---|" + "---|" * len(attacks)]
+    for defense in dict.fromkeys(r["defense"] for r in rows):
+        by = {r["attack"]: r for r in rows if r["defense"] == defense}
+        lines.append(f"| {defense} | " + " | ".join(
+            f"{value(by[a]['worst'])} ({value(by[a]['default'])}, {by[a]['trials']})" if a in by else "-"
+            for a in attacks) + " |")
+    lines += ["", f"![worst-case success per defense and attack]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    plot_heatmap(rows, stem.with_suffix(".png"))
+    return stem.with_suffix(".md")
+
+
+def plot_heatmap(rows: list[dict], path: Path) -> Path:
+    """Defenses x attacks, colour: the worst-case success, each cell written as worst / default."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    grid = np.full((len(defenses), len(attacks)), np.nan)
+    text = [["" for _ in attacks] for _ in defenses]
+    for r in rows:
+        i, j = defenses.index(r["defense"]), attacks.index(r["attack"])
+        if r["worst"] is not None:
+            grid[i, j] = r["worst"]
+            text[i][j] = f"{r['worst']:.2f}\n({'-' if r['default'] is None else format(r['default'], '.2f')})"
+    fig, ax = plt.subplots(figsize=(1.2 * len(attacks) + 3, 0.5 * len(defenses) + 2))
+    image = ax.imshow(grid, cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(attacks)), [f"{a}\n({next(r['metric'] for r in rows if r['attack'] == a)})"
+                                        for a in attacks], fontsize=8)
+    ax.set_yticks(range(len(defenses)), defenses, fontsize=8)
+    for i in range(len(defenses)):
+        for j in range(len(attacks)):
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label="worst-case success (SR or AD)")
+    ax.set_title("each defense against its worst attacker: worst (default knobs)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""``auror worst-case``: a study per (defense, attack) pair with the attackers fixed, trial 0 the
+configured knobs, resumable, and a report whose numbers are the studies'."""
+
+import csv
+import json
+
+import pytest
+
+from pipeline.experiment import studies
+from pipeline.experiment.cli import main
+from pipeline.experiment.config import ConfigError
+from pipeline.experiment.worst_case import run_worst_case, searchable_attacks
+
+PAIRS = {"defenses": ["median", "krum"], "attacks": ["ipm", "label_flip"]}
+
+
+def run(cfg, tmp_path, n_trials=3, **kw):
+    return run_worst_case(cfg, kw.get("defenses", PAIRS["defenses"]), kw.get("attacks", PAIRS["attacks"]), n_trials,
+                          f"sqlite:///{tmp_path}/optuna.db", None, "auror worst-case (test)")
+
+
+def test_every_pair_is_a_study_of_the_attack_knobs_with_the_attackers_fixed(tiny_config, tmp_path):
+    md = run(tiny_config, tmp_path)
+    report = json.loads(md.with_suffix(".json").read_text())
+    assert md.name == "worst_case_digits.md" and md.with_suffix(".png").is_file()
+    assert {(r["defense"], r["attack"]) for r in report["pairs"]} == {(d, a) for d in PAIRS["defenses"]
+                                                                      for a in PAIRS["attacks"]}
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    for row in report["pairs"]:
+        study = studies.optuna.load_study(study_name=row["study"], storage=storage)
+        trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert row["trials"] == 3 and row["metric"] == ("AD" if row["attack"] == "ipm" else "SR")
+        assert trials[0].user_attrs["baseline"] and trials[0].user_attrs["overrides"] == []
+        assert row["default"] == trials[0].value and row["worst"] == max(t.value for t in trials) >= row["default"]
+        # the attack's knobs only: never the number of attackers
+        assert all(not any(o.startswith("users.") for o in t.user_attrs["overrides"]) for t in trials)
+        assert all(k.startswith("attack.") for t in trials for k in t.params)
+        assert all(t.user_attrs["overrides"] for t in trials[1:])  # the other trials searched
+        with open(tmp_path / "reports" / "worst_case" / "digits" / f"trials_{row['study']}.csv") as f:
+            assert [r["setting"] for r in csv.DictReader(f)] == ["configured", "searched", "searched"]
+    for entry in report["leaderboard"]:  # each defense's worst cell is the maximum over its pairs
+        mine = [r for r in report["pairs"] if r["defense"] == entry["defense"]]
+        assert entry["SR"]["worst"] == max(r["worst"] for r in mine if r["metric"] == "SR")
+        assert entry["AD"]["worst"] == max(r["worst"] for r in mine if r["metric"] == "AD")
+    text = md.read_text()
+    assert "| median |" in text and "trial 0: the attack's configured knobs" in text
+
+
+def test_running_it_again_continues_the_studies_and_rewrites_the_same_report(tiny_config, tmp_path):
+    first = json.loads(run(tiny_config, tmp_path, defenses=["median"], attacks=["ipm"]).with_suffix(".json").read_text())
+    again = json.loads(run(tiny_config, tmp_path, defenses=["median"], attacks=["ipm"]).with_suffix(".json").read_text())
+    assert again == first
+    study = studies.optuna.load_study(study_name="worst-ipm-median-digits",
+                                      storage=studies.open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    assert len(study.trials) == 3  # the finished study ran no trial the second time
+    more = json.loads(run(tiny_config, tmp_path, 4, defenses=["median"], attacks=["ipm"]).with_suffix(".json").read_text())
+    assert more["pairs"][0]["trials"] == 4 and more["pairs"][0]["default"] == first["pairs"][0]["default"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "sybil"], "--attacks: must be registered attacks"),
+    (["--attacks", "mimic"], "--attacks: mimic has no knobs to search"),
+    (["--defenses", "krumm"], "--defenses: must be registered defenses"),
+    (["--n-trials", "0"], "--n-trials: must be >= 1, got 0"),
+    (["--name", "../x"], "--name: letters, digits"),
+    (["--seeds", "0", "1"], "--seeds: auror worst-case runs one seed per trial"),
+])
+def test_bad_arguments_exit_2_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["worst-case", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"auror: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "reports").exists()
+
+
+def test_the_default_attacks_are_those_with_knobs():
+    assert set(searchable_attacks()) >= {"label_flip", "ipm", "alie", "sign_flip", "gaussian"}
+    assert "mimic" not in searchable_attacks()
+
+
+def test_a_report_of_another_config_is_not_written_over(tiny_config, tmp_path):
+    run(tiny_config, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+    import dataclasses
+
+    other = dataclasses.replace(tiny_config, seed=1)
+    with pytest.raises(ConfigError, match="holds a report of another config"):
+        run(other, tmp_path, 1, defenses=["median"], attacks=["ipm"])
