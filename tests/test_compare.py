@@ -126,3 +126,19 @@ def test_a_changed_config_makes_new_cells_and_never_overwrites_the_report_of_ano
     assert len(calls) == 2 * first  # every cell is new under the new config
     shown = json.loads((tmp_path / "reports" / "compare_digits_3rounds.json").read_text())
     assert shown["config"]["values"]["training.rounds"] == 3 and report.read_text() == before
+
+
+def test_a_report_written_before_a_plugin_was_registered_is_still_its_config(tmp_path):
+    """Keys the old report's config lacked (a defense added since) at their defaults: the same config;
+    set otherwise, or a key it had changed: another."""
+    from pipeline.experiment.store import check_report, report_config
+
+    config = report_config(load_config(None, TINY))
+    old = {k: v for k, v in config["values"].items() if not k.startswith("defense.meamed.")}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": {"hash": "written-before-meamed", "values": old}}))
+    check_report(path, config, "elsewhere")  # no error
+    for override, message in [("defense.meamed.byzantine_fraction=0.1", "defense.meamed.byzantine_fraction was None, now 0.1"),
+                              ("training.rounds=3", "training.rounds was 4, now 3")]:
+        with pytest.raises(ConfigError, match=f"holds a report of another config \\({message}\\)"):
+            check_report(path, report_config(load_config(None, [*TINY, override])), "elsewhere")

@@ -151,7 +151,7 @@ def test_cifar10_damaged_batch_is_one_line(tmp_path, monkeypatch):
 
 
 def test_cifar10_config_runs_end_to_end_on_the_archive(tmp_path, monkeypatch, capsys):
-    """configs/cifar10.yaml, shrunk: the CNN's three arms train on the written archive, AUROR flags."""
+    """configs/cifar10.yaml, shrunk: ResNet-8's three arms train on the written archive."""
     import json
 
     from pipeline.experiment.cli import main

@@ -59,7 +59,9 @@ def report_config(cfg: Config) -> dict:
 def check_report(json_path: Path, config: dict, elsewhere: str) -> None:
     """Refuse (before any work) to write a report over one of another config: the new one goes
     ``elsewhere`` (the option that names it) or the old one is deleted first. A report that names
-    no config (written before reports named theirs) is replaced."""
+    no config (written before reports named theirs) is replaced. Keys the old report's config did not
+    have (a defense or attack registered since) do not make it another config while they hold their
+    built-in defaults."""
     if not json_path.is_file():
         return
     try:
@@ -67,6 +69,9 @@ def check_report(json_path: Path, config: dict, elsewhere: str) -> None:
     except (ValueError, AttributeError):
         old = None
     if isinstance(old, dict) and old.get("hash") != config["hash"]:
-        difference = first_difference(old.get("values", {}), config["values"])
-        raise ConfigError(f"{json_path}: holds a report of another config ({difference}); {elsewhere}, "
-                          "or delete it first")
+        before, defaults = old.get("values", {}), Config().flat()
+        now = {k: v for k, v in config["values"].items() if k in before or k not in defaults or defaults[k] != v}
+        difference = first_difference(before, now)
+        if difference:
+            raise ConfigError(f"{json_path}: holds a report of another config ({difference}); {elsewhere}, "
+                              "or delete it first")
