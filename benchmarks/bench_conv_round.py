@@ -37,14 +37,13 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks share their helpers
-from bench_round import interleaved_times  # noqa: E402
+from bench_round import interleaved_times, parse_with_device  # noqa: E402
 
 from lightning_modules.cnn import CNNClassifier  # noqa: E402
 from lightning_modules.lenet import LeNet5Classifier  # noqa: E402
 from lightning_modules.resnet import ResNet8Classifier  # noqa: E402
-from pipeline.core.device import describe_device, select_device  # noqa: E402
+from pipeline.core.device import describe_device  # noqa: E402
 from pipeline.core.local_training import train_users, user_batches  # noqa: E402
-from pipeline.experiment.config import ConfigError  # noqa: E402
 
 MODELS = {  # name: (constructor, image shape, classes)
     "lenet5": (LeNet5Classifier, (1, 28, 28), 10),
@@ -111,12 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, cuda:N or auto")
-    args = parser.parse_args(argv)
-    try:
-        device = select_device(args.device, key="--device")
-    except ConfigError as err:
-        parser.error(str(err))
+    args, device = parse_with_device(parser, argv)
     steps = math.ceil(args.samples / args.batch_size)
     print(f"setting: {args.users} users x {args.samples} samples, 1 epoch, batch {args.batch_size} ({steps} steps), "
           f"plain SGD; random images; torch {torch.__version__}, {describe_device(device)}")

@@ -37,11 +37,10 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks share their helpers
-from bench_round import interleaved_times, load_mnist  # noqa: E402
+from bench_round import interleaved_times, load_mnist, parse_with_device  # noqa: E402
 
 from lightning_modules.mlp import MLPClassifier  # noqa: E402
-from pipeline.core.device import describe_device, select_device  # noqa: E402
-from pipeline.core.errors import ConfigError  # noqa: E402
+from pipeline.core.device import describe_device  # noqa: E402
 from pipeline.core.local_training import train_users, user_batches  # noqa: E402
 from pipeline.core.server import ServerInputs, Uploads, parameter_layout  # noqa: E402
 from pipeline.defenses import REGISTRY  # noqa: E402
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--sizes", nargs="+", default=SIZES, help="USERSxSAMPLES:HIDDEN,... (default: both)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, cuda:N or auto")
-    args = parser.parse_args(argv)
-    try:
-        device = select_device(args.device, key="--device")
-    except ConfigError as err:
-        parser.error(str(err))
+    args, device = parse_with_device(parser, argv)
     print(f"torch {torch.__version__}, {describe_device(device)}")
     figures = {}
     for size in args.sizes:

@@ -105,6 +105,17 @@ def fresh_module(template: MLPClassifier, flat: torch.Tensor) -> MLPClassifier:
     return module
 
 
+def parse_with_device(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """Add ``--device`` to a benchmark's ``parser``, parse ``argv``, and return the arguments and the device
+    (a device that is not there is argparse's one-line error)."""
+    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, cuda:N or auto")
+    args = parser.parse_args(argv)
+    try:
+        return args, select_device(args.device, key="--device")
+    except ConfigError as err:
+        parser.error(str(err))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=30)
@@ -115,12 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--trainer-repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, cuda:N or auto")
-    args = parser.parse_args(argv)
-    try:
-        device = select_device(args.device, key="--device")
-    except ConfigError as err:
-        parser.error(str(err))
+    args, device = parse_with_device(parser, argv)
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
