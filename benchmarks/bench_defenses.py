@@ -41,7 +41,7 @@ from bench_round import interleaved_times, load_mnist, parse_with_device  # noqa
 
 from lightning_modules.mlp import MLPClassifier  # noqa: E402
 from pipeline.core.device import describe_device  # noqa: E402
-from pipeline.core.local_training import train_users, user_batches  # noqa: E402
+from pipeline.core.local_training import moved_probabilities, train_users, user_batches  # noqa: E402
 from pipeline.core.server import ServerInputs, Uploads, parameter_layout  # noqa: E402
 from pipeline.defenses import REGISTRY  # noqa: E402
 from pipeline.defenses.compose import defense_class  # noqa: E402
@@ -93,7 +93,9 @@ def bench_size(users: int, samples: int, hidden: list[int], repeats: int, device
 
     updates = local_round() - start
     root = updates.mean(0)  # stands for the server's own update (FLTrust)
-    server = ServerInputs(parameter_layout(module), seed, root_update=lambda round_: root)
+    server = ServerInputs(parameter_layout(module), seed, root_update=lambda round_: root,  # DeepSight's probes:
+                          model_outputs=lambda u, probes: moved_probabilities(module, start, u, probes),
+                          input_shape=tuple(x.shape[1:]))
     candidates = {"local round": local_round}
     candidates |= {name: defense_step(name, updates, server) for name in TIMED}
     print(f"\n{users} users x {samples} samples, MLP {x.shape[1]}-{'-'.join(map(str, hidden))}-10 "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from pipeline.lazy import torch
@@ -44,25 +45,57 @@ def stamp_trigger(x: torch.Tensor, size: int, value: torch.Tensor) -> torch.Tens
     return stamped.reshape(x.shape)
 
 
-def stamp_users(data: UserData, size: int, value: torch.Tensor, target: int, fraction: float,
-                rng: np.random.Generator) -> Poisoned:
-    """Each malicious user's ``round(fraction * n)`` samples (of its ``n``, at random) triggered and labelled ``target``."""
-    chosen = [rng.choice(data.user_indices[u].numpy(), size=round(fraction * len(data.user_indices[u])),
-                         replace=False) for u in data.malicious.nonzero().flatten().tolist()]
-    rows = torch.as_tensor(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)).long()
+def image_side(dataset: str) -> int:
+    """The side in pixels of ``dataset``'s square images (``data.name``): what a trigger must fit in."""
+    from pipeline.experiment.config import DATASET_IMAGES  # imported here: the config imports this package
+
+    return DATASET_IMAGES[dataset][-1]
+
+
+def stamp_pattern(x: torch.Tensor, pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with the pixels where ``pattern`` is True set to ``value`` (per channel); ``pattern``
+    is bool (height, width), one for every image, or (samples, height, width), one per image."""
+    images = image_view(x)
+    mask = pattern.to(x.device).view(-1, 1, *images.shape[-2:])  # (1 or samples, 1, H, W): every channel
+    return torch.where(mask, value.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1), images).reshape(x.shape)
+
+
+def chosen_samples(data: UserData, fraction: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each malicious user's ``round(fraction * n)`` samples (of its ``n``, at random, rows of ``data.x``),
+    one array per malicious user in id order."""
+    return [rng.choice(data.user_indices[u].numpy(), size=round(fraction * len(data.user_indices[u])),
+                       replace=False) for u in data.malicious.nonzero().flatten().tolist()]
+
+
+def relabelled(data: UserData, rows: torch.Tensor, stamped: torch.Tensor, target: int) -> Poisoned:
+    """The users' data with the samples ``rows`` replaced by ``stamped`` and labelled ``target``."""
     x, y = data.x.clone(), data.y.clone()
-    x[rows] = stamp_trigger(x[rows], size, value)
+    x[rows] = stamped
     y[rows] = target
     poisoned = torch.zeros(len(y), dtype=torch.bool)
     poisoned[rows] = True
     return Poisoned(x, y, poisoned)
 
 
+def stamp_users(data: UserData, size: int, value: torch.Tensor, target: int, fraction: float,
+                rng: np.random.Generator) -> Poisoned:
+    """Each malicious user's ``round(fraction * n)`` samples (of its ``n``, at random) triggered and labelled ``target``."""
+    chosen = chosen_samples(data, fraction, rng)
+    rows = torch.as_tensor(np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)).long()
+    return relabelled(data, rows, stamp_trigger(data.x[rows], size, value), target)
+
+
+def triggered_success(predict: Predict, x: torch.Tensor, y: torch.Tensor, target: int,
+                      stamp: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Fraction of the non-target inputs classified as ``target`` once ``stamp`` (a copy) triggered them."""
+    others = y != target
+    return (predict(stamp(x[others])) == target).float().mean().item()
+
+
 def backdoor_success(predict: Predict, x: torch.Tensor, y: torch.Tensor, size: int, value: torch.Tensor,
                      target: int) -> float:
     """Fraction of the non-target inputs classified as ``target`` once triggered."""
-    others = y != target
-    return (predict(stamp_trigger(x[others], size, value)) == target).float().mean().item()
+    return triggered_success(predict, x, y, target, lambda inputs: stamp_trigger(inputs, size, value))
 
 
 @dataclass
@@ -107,6 +140,6 @@ class Backdoor(Attack):
 
     @classmethod
     def check_config(cls, params, cfg, key: str) -> None:
-        side = {"digits": 8, "mnist": 28, "gtsrb": 32}[cfg.data.name]
+        side = image_side(cfg.data.name)
         check(params.trigger_size < side, f"{key}.trigger_size", f"must be smaller than {cfg.data.name}'s "
               f"{side}-pixel images", params.trigger_size)

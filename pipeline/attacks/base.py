@@ -85,6 +85,8 @@ class Attack:
     - ``trains_maliciously``: the attackers train with ``attack.malicious_epochs`` and
       ``attack.malicious_lr_multiplier`` (else as honest users do);
     - ``boosted``: the attackers' updates are multiplied by ``attack.boost`` before :meth:`craft`;
+    - ``needs_last_step``: :meth:`craft` receives the previous round's global step
+      (``RoundUpdates.last_step``, ``None`` in round 1); the loop keeps it (and checkpoints it) only then;
     - ``search_ranges``: what ``auror tune --kind attack`` searches: config key ->
       ``(low, high, log scale, integer)``.
     """
@@ -96,6 +98,7 @@ class Attack:
     omniscient: ClassVar[bool] = False
     trains_maliciously: ClassVar[bool] = True
     boosted: ClassVar[bool] = False
+    needs_last_step: ClassVar[bool] = False
     search_ranges: ClassVar[dict[str, tuple[float, float, bool, bool]]] = {}
 
     def __init__(self, params: AttackParams, settings: Any) -> None:

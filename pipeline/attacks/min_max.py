@@ -12,6 +12,7 @@ between two honest updates. Omniscient and untargeted: success is the accuracy d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.lazy import torch
 
@@ -31,20 +32,30 @@ def perturbation(honest: torch.Tensor, kind: str) -> torch.Tensor:
     return -mean / mean.norm().clamp_min(1e-12)
 
 
+def bisect_gamma(fits: Callable[[float], bool], gamma_init: float, tolerance: float) -> float:
+    """Algorithm 1's search: the largest ``gamma`` found with ``fits(gamma)`` (0.0 when none), trying
+    ``gamma_init`` first, then up after a fit and down after a miss by a step halved every try, until the
+    next try is within ``tolerance`` of the best (so never above ``2 * gamma_init``). Min-Max and Min-Sum differ
+    only in ``fits``."""
+    gamma, step, best = gamma_init, gamma_init / 2, 0.0
+    while abs(best - gamma) > tolerance:
+        if fits(gamma):
+            best = gamma
+            gamma += step
+        else:
+            gamma -= step
+        step /= 2
+    return best
+
+
 def min_max_update(honest: torch.Tensor, kind: str, gamma_init: float, tolerance: float) -> tuple[torch.Tensor, float]:
     """The crafted update (P,) and its ``gamma``: Algorithm 1's bisection with the Min-Max condition
     ``max_i ||m - h_i|| <= max_ij ||h_i - h_j||``."""
     mean = honest.mean(0)
     p = perturbation(honest, kind)
     bound = torch.cdist(honest, honest).max()
-    gamma, step, best = gamma_init, gamma_init / 2, 0.0
-    while abs(best - gamma) > tolerance:
-        if (honest - (mean + gamma * p)).norm(dim=1).max() <= bound:
-            best = gamma
-            gamma += step
-        else:
-            gamma -= step
-        step /= 2
+    best = bisect_gamma(lambda gamma: bool((honest - (mean + gamma * p)).norm(dim=1).max() <= bound),
+                        gamma_init, tolerance)
     return mean + best * p, best
 
 

@@ -112,6 +112,18 @@ def per_user_forward(module: LocalModel, params: dict[str, torch.Tensor], x: tor
     ])
 
 
+def moved_probabilities(module: LocalModel, start: torch.Tensor, updates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The class probabilities (rows, N, classes) of ``module`` with the parameters ``start`` (P,) moved by
+    each row of ``updates`` (rows, P), on the inputs ``x`` (N, ...): one model at a time, in eval mode."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        params = stack_parameters(module, start + updates.to(start), len(updates))
+        probabilities = per_user_forward(module, params, x.expand(len(updates), *x.shape)).softmax(-1)
+    module.train(was_training)
+    return probabilities
+
+
 class UsersFlatten(nn.Module):
     """``(batch, users * C, H, W)`` -> ``(users, batch, C * H * W)``: each user's flattened features."""
 

@@ -20,7 +20,7 @@ from datamodules.federated import FederatedDataModule
 from pipeline.core.checkpoint import Checkpoint, CheckpointError
 from pipeline.core.device import seeded_generator
 from pipeline.core.faults import FAULT_STREAM, FaultsConfig, faulty_this_round, inject_faults, screen_uploads
-from pipeline.core.local_training import train_users, user_batches
+from pipeline.core.local_training import moved_probabilities, train_users, user_batches
 from pipeline.core.masking import (
     ProtocolConfig, add_laplace_noise, aggregate_per_coordinate, clip, download_merge, laplace_scale, mask_updates,
     num_kept, upload_mask,
@@ -47,6 +47,7 @@ class ClientAttack(Protocol):
     """What the loop asks of an attack (see :class:`pipeline.attacks.base.Attack`)."""
 
     omniscient: bool
+    needs_last_step: bool  # craft receives the previous round's global step
 
     def craft(self, updates: RoundUpdates) -> torch.Tensor: ...
 
@@ -132,12 +133,16 @@ class CollaborativeLoop:
     algorithm: str = "fedavg"  # fedavg | fedsgd: one step on one batch per user and round
     server_optimizer: ServerConfig = field(default_factory=ServerConfig)
     eval_every: int = 1  # evaluate every N rounds and the last
+    # what the global model moved by in the last round (None before round 1's step); kept, checkpointed and
+    # passed to craft only for an attack with needs_last_step
+    last_step: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.module.to(self.device)
         self.train_x, self.train_y, self.test_x, self.test_y = (
             t.to(self.device) for t in (self.data.train_x, self.data.train_y, self.data.test_x, self.data.test_y))
-        self.server = ServerInputs(parameter_layout(self.module), self.seed, self.root_update)
+        self.server = ServerInputs(parameter_layout(self.module), self.seed, self.root_update, self.model_outputs,
+                                   tuple(self.train_x.shape[1:]))
         self.defense = self.make_defense(self.server) if self.make_defense is not None else None
 
     def root_update(self, round_: int) -> torch.Tensor:
@@ -151,6 +156,12 @@ class CollaborativeLoop:
         trained = train_users(self.module, start.clone(), self.train_x, self.train_y, schedule,
                               torch.ones(1, device=self.device))
         return (trained - start)[0]
+
+    def model_outputs(self, updates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The class probabilities (rows, N, classes) of the global model moved by each row of ``updates``
+        (rows, P) on the inputs ``x`` (N, ...) (DeepSight's probes)."""
+        start = parameters_to_vector(self.module.parameters()).detach()
+        return moved_probabilities(self.module, start, updates, x.to(self.device))
 
     def schedule(self, indices: list[torch.Tensor], epochs: list[int], round_: int,
                  streams: list[int] | None = None) -> torch.Tensor:
@@ -179,7 +190,8 @@ class CollaborativeLoop:
         honest = None
         if self.attack.omniscient:
             honest = updates[~attackers] if not attackers.all() else updates[attackers].clone()
-        crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers), self.seed))
+        crafted = self.attack.craft(RoundUpdates(round_, updates[attackers], honest, len(attackers), self.seed,
+                                                 self.last_step))
         updates[attackers] = crafted.to(updates.dtype)  # the loop's own tensor, written in place
         return updates
 
@@ -203,10 +215,12 @@ class CollaborativeLoop:
             log.info("  resumed after round %d from %s", state["round"], self.checkpoint.path)
         quota = num_kept(protocol.theta_u, global_params.numel())
         depth = getattr(self.defense, "rewind_rounds", 0)  # how far back a recovery may send the global model
+        keep_step = self.attack.needs_last_step
         round_ = first
         while round_ <= self.rounds:
             if depth:  # the models a recovery may go back to: after rounds round_ - depth .. round_ - 1
-                self.snapshots[round_ - 1] = (global_params, local_params, optimizer_state)
+                self.snapshots[round_ - 1] = (global_params, local_params, optimizer_state,
+                                              *((self.last_step,) if keep_step else ()))
                 self.snapshots = {r: m for r, m in self.snapshots.items() if r >= round_ - depth}
             # who takes part: everyone, or the round's sample (the same in every arm of the seed)
             ids = sample_users(num_users, self.per_round or num_users, data.malicious, self.participation, self.seed,
@@ -261,7 +275,10 @@ class CollaborativeLoop:
             if not torch.isfinite(step).all():  # finite updates can still overflow float32 when summed
                 log.warning("  round %d: the aggregate overflowed; non-finite coordinates left unchanged", round_)
                 step = torch.where(torch.isfinite(step), step, 0)
+            before = global_params
             global_params, optimizer_state = server_step(self.server_optimizer, global_params, step, optimizer_state)
+            if keep_step:  # what the model moved by (after the server's optimiser), not the aggregate
+                self.last_step = global_params - before
             vector_to_parameters(global_params.clone(), self.module.parameters())  # it would alias
             evaluated = round_ % self.eval_every == 0 or round_ == self.rounds
             metrics = {**(self.evaluate() if evaluated else {"accuracy": None, "attack_success_rate": None}),
@@ -294,11 +311,15 @@ class CollaborativeLoop:
         if back not in self.snapshots:
             raise RuntimeError(f"the defense asked to go back to round {back} at round {round_}, beyond the "
                                f"{len(self.snapshots)} rounds it declared (rewind_rounds)")
-        saved_global, saved_local, *saved_optimizer = self.snapshots[back]  # 2-tuples: checkpoints of before
+        # 2-tuples: checkpoints of before; a 4th item: the last step, for an attack with needs_last_step
+        saved_global, saved_local, *saved_optimizer = self.snapshots[back]
         self.snapshots = {r: m for r, m in self.snapshots.items() if r <= back}
         global_params = saved_global.to(self.device)
         local_params = saved_local.to(self.device) if saved_local is not None else local_params
         optimizer_state = {k: v.to(self.device) for k, v in (saved_optimizer[0] if saved_optimizer else {}).items()}
+        if self.attack.needs_last_step:  # the step into the model of round back (None: the initial model)
+            saved_step = saved_optimizer[1] if len(saved_optimizer) > 1 else None
+            self.last_step = saved_step.to(self.device) if saved_step is not None else None
         vector_to_parameters(global_params.clone(), self.module.parameters())
         self.history[:] = [h for h in self.history if h["round"] <= back]
         del self.excluded[back:]
@@ -329,6 +350,7 @@ class CollaborativeLoop:
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "snapshots": self.snapshots,
             "rounds_retrained": self.rounds_retrained,
+            **({"last_step": self.last_step} if self.attack.needs_last_step else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], global_params: torch.Tensor,
@@ -352,6 +374,8 @@ class CollaborativeLoop:
             cb.load_state_dict(cb_state)
         self.snapshots = dict(state.get("snapshots", {}))
         self.rounds_retrained = state.get("rounds_retrained", 0)
+        saved_step = state.get("last_step")  # only an attack with needs_last_step saves it
+        self.last_step = saved_step.to(self.device) if saved_step is not None else None
         saved_local = state["local_params"]
         optimizer_state = {k: v.to(self.device) for k, v in state.get("server_optimizer", {}).items()}
         return global_params, saved_local.to(self.device) if saved_local is not None else local_params, optimizer_state

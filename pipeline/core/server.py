@@ -24,6 +24,10 @@ class RoundUpdates:
     honest: torch.Tensor | None  # (honest users, P): the honest users' updates; None unless omniscient
     num_users: int  # every user of the round, honest and malicious
     seed: int = 0  # the run's seed, for attacks that draw random numbers
+    # (P,): the previous round's global step, what the global model actually moved by (after the server's
+    # optimiser; after a recovery, the step into the model it went back to); None in round 1, and unless the
+    # attack declares needs_last_step
+    last_step: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,18 @@ class ServerInputs:
     - ``root_update(round)``: for defenses with ``needs_root_data`` (FLTrust):
       trains the current global model on the server's own small clean root set
       (without changing it) and returns the update, shape (parameters,);
-    - ``seed``: the run's seed, for defenses that draw random numbers.
+    - ``seed``: the run's seed, for defenses that draw random numbers;
+    - ``model_outputs(updates, x)``: for defenses that inspect the users' models (DeepSight): the class
+      probabilities of the current global model moved by each row of ``updates`` (rows, P) on the inputs
+      ``x`` (N, *input_shape), shape (rows, N, classes); a row of zeros is the global model itself;
+    - ``input_shape``: one input's shape, for such a defense's probe inputs.
     """
 
     layout: tuple[ParameterSlice, ...]
     seed: int = 0
     root_update: Callable[[int], torch.Tensor] | None = None  # round -> the server's update on its root set
+    model_outputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    input_shape: tuple[int, ...] = ()
 
 
 def parameter_layout(module: torch.nn.Module) -> tuple[ParameterSlice, ...]:
