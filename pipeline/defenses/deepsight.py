@@ -45,7 +45,7 @@ from pipeline.core.server import Aggregate, Uploads, complete_rows, weighted_mea
 from pipeline.defenses import register
 from pipeline.defenses.auror_output_layer import output_layer
 from pipeline.defenses.base import Defense, DefenseParams, check, finite_number, whole_number
-from pipeline.defenses.flame import cosine_distances
+from pipeline.defenses.flame import cosine_distances, median_clipped_mean
 
 DEEPSIGHT_STREAM = 2**32 - 13  # the probe inputs, apart from every other random stream
 
@@ -98,13 +98,11 @@ def accepted_models(labels: np.ndarray, suspicious: np.ndarray, tau: float) -> n
 
 
 def clipped_mean(updates: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-    """The mean of the accepted rows, each scaled to at most the median L2 norm of all rows. (P,)."""
+    """The mean of the accepted rows, each scaled to at most the median L2 norm of all rows (FLAME's
+    clipping, without its noise); zero when nobody is accepted. (P,)."""
     if not accepted.any():
         return updates.new_zeros(updates.shape[1])
-    norms = updates.double().norm(dim=1)
-    bound = torch.quantile(norms, 0.5)
-    scale = (bound / norms[accepted].clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1)
-    return (updates[accepted].double() * scale[:, None]).mean(0).to(updates.dtype)
+    return median_clipped_mean(updates, accepted)[0].to(updates.dtype)
 
 
 @dataclass

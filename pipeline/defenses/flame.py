@@ -64,16 +64,22 @@ def majority_cluster(distances: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(admitted, device=distances.device)
 
 
+def median_clipped_mean(updates: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean (float64 (P,)) of the ``kept`` rows (bool (n,), at least one) of ``updates``, each scaled to at
+    most the median L2 norm of all n rows (S_t), and that median."""
+    norms = updates.double().norm(dim=1)
+    bound = torch.quantile(norms, 0.5)
+    scale = (bound / norms[kept].clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1)
+    return (updates[kept].double() * scale[:, None]).mean(0), bound
+
+
 def flame(updates: torch.Tensor, noise_lambda: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAME's ``(step (P,), admitted (n,) bool)`` for the updates (n >= 2, P);
     the noise is drawn from the CPU ``generator``."""
     admitted = majority_cluster(cosine_distances(updates))
     if not admitted.any():
         return updates.new_zeros(updates.shape[1]), admitted
-    norms = updates.double().norm(dim=1)
-    bound = torch.quantile(norms, 0.5)  # S_t, the median of all n norms
-    scale = (bound / norms[admitted].clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1)
-    step = (updates[admitted].double() * scale[:, None]).mean(0)
+    step, bound = median_clipped_mean(updates, admitted)
     if noise_lambda > 0:
         noise = torch.randn(updates.shape[1], generator=generator, dtype=torch.float64)
         step = step + noise_lambda * bound * noise.to(updates.device)
