@@ -72,7 +72,7 @@ def test_foolsgold_gives_identical_sybils_zero_weight():
     assert w.sum().item() == pytest.approx(1.0)
     kept = [0, 1, 2, 3, 5]
     assert torch.allclose(result.step, (w[kept, None] * rows[kept]).sum(0) / w[kept].sum(), atol=1e-6)
-    assert torch.all(d.history[4] == 0)  # an absent user's history is untouched
+    assert d.history.of(4) is None and d.history.of(0) is not None  # an absent user has no history yet
 
 
 def test_foolsgold_remembers_history_across_rounds():
@@ -84,6 +84,26 @@ def test_foolsgold_remembers_history_across_rounds():
     third = torch.cat([honest, 0.1 * randn(3, 500, seed=5)])
     assert torch.all(d.aggregate(uploads(third, 3)).weights[5:] == 0)
     assert torch.all(FoolsGold(FoolsGoldParams(), SERVER).aggregate(uploads(third, 3)).weights[5:] > 0)
+
+
+def test_foolsgold_keeps_a_history_row_per_user_seen_and_weighs_as_a_row_per_id_would():
+    """Sampled rounds out of 10,000 ids: the rows held follow the users seen; the weights equal those of a
+    history with a row for every id (the paper's), the same floats."""
+    d, dense = FoolsGold(FoolsGoldParams(), SERVER), torch.zeros(10_000, 50)
+    seen = set()
+    for round_ in range(1, 6):
+        ids = torch.randperm(10_000, generator=torch.Generator().manual_seed(round_))[:8].sort().values
+        ids[:2] = torch.tensor([3, 9_999])  # two users in every round: histories over rounds
+        ids = ids.unique()
+        rows = randn(len(ids), 50, seed=round_)
+        rows[1] = rows[0]  # a sybil pair
+        dense[ids] += rows
+        seen |= set(ids.tolist())
+        result = d.aggregate(Uploads(round_, ids, rows))
+        expected = foolsgold_weights(dense[ids])
+        assert torch.equal(result.weights, (expected / expected.sum()).float())
+        assert set(d.history.index) == seen and len(d.history.rows) < 2 * len(seen)
+        assert torch.equal(d.history.of(9_999), dense[9_999])
 
 
 def test_foolsgold_state_dict_round_trip_gives_the_same_next_round():

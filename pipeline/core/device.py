@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import re
 
 import numpy as np
 from pipeline.lazy import torch
 
 from pipeline.core.errors import ConfigError
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_allocator_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of handing it back to the system.
+
+    A round allocates and frees tensors of (users, parameters) many times: 44 MB each for 100 users of the
+    MNIST MLP. glibc serves every allocation above 32 MB (less before its threshold adapts) with a fresh
+    ``mmap``, so each one faults its pages in again, zeroed by the kernel; the time went to the system, not to
+    the arithmetic (a sampled round of 100 users: 89 -> 57 ms, ``bench_cross_device.py``). With no ``mmap``
+    and no trimming below 2 GiB every allocation reuses the heap's pages: the resident set stays at its peak
+    until the process ends, the numbers are the same. Idempotent; returns whether it applies (glibc only).
+    """
+    global _allocator_kept
+    if _allocator_kept is None:
+        _allocator_kept = platform.libc_ver()[0] == "glibc"
+        if _allocator_kept:
+            libc = ctypes.CDLL("libc.so.6")
+            _allocator_kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return _allocator_kept
 
 
 def check_device_name(name: str, key: str) -> None:

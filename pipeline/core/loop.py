@@ -18,7 +18,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from datamodules.federated import FederatedDataModule
 from pipeline.core.checkpoint import Checkpoint, CheckpointError
-from pipeline.core.device import seeded_generator
+from pipeline.core.device import keep_freed_memory, seeded_generator
 from pipeline.core.faults import FAULT_STREAM, FaultsConfig, faulty_this_round, inject_faults, screen_uploads
 from pipeline.core.local_training import moved_probabilities, train_users, user_batches
 from pipeline.core.masking import (
@@ -199,6 +199,7 @@ class CollaborativeLoop:
         """Run every round (from the checkpoint's next one when there is a
         checkpoint); return the final evaluation of the global model."""
         data, b, protocol, device = self.data, self.behaviour, self.protocol, self.device
+        keep_freed_memory()  # a round's (users, P) tensors reuse the heap's pages (see there)
         num_users = len(data.user_indices)
         update_scale = b.update_scale.to(device).unsqueeze(1)
         global_params = parameters_to_vector(self.module.parameters()).detach().clone()

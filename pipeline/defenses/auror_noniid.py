@@ -47,7 +47,19 @@ from pipeline.core.masking import aggregate_per_coordinate
 from pipeline.core.server import Aggregate, ParameterSlice, Uploads, complete_rows
 from pipeline.defenses import register
 from pipeline.defenses.base import Defense, DefenseParams, check, finite_number
-from pipeline.defenses.foolsgold import accumulate
+
+
+def accumulate(history: torch.Tensor | None, user_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """A new history (users, F), row ``u`` the sum of user u's rows: ``history`` (None: none yet; moved to
+    ``updates``' device) grown to the largest id, plus ``updates`` (n, F) at the rows ``user_ids`` (n,).
+    One row per id up to the largest: the output layer's classes x hidden values a user."""
+    if history is None:
+        history = updates.new_zeros(0, updates.shape[1])
+    history = history.to(device=updates.device, dtype=updates.dtype)
+    rows = int(user_ids.max()) + 1 if len(user_ids) else 0
+    if rows > len(history):
+        history = torch.cat([history, history.new_zeros(rows - len(history), history.shape[1])])
+    return history.index_add(0, user_ids.to(updates.device), updates)
 
 
 def output_weight(layout: tuple[ParameterSlice, ...]) -> ParameterSlice:

@@ -52,17 +52,44 @@ def cosine_similarities(rows: torch.Tensor) -> torch.Tensor:
     return gram / norms[:, None] / norms[None, :]
 
 
-def accumulate(history: torch.Tensor | None, user_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """A new history (users, P), row ``u`` the sum of user u's updates: ``history``
-    (None: none yet; moved to ``updates``' device) grown to the largest id, plus
-    ``updates`` (n, P) at the rows ``user_ids`` (n,)."""
-    if history is None:
-        history = updates.new_zeros(0, updates.shape[1])
-    history = history.to(device=updates.device, dtype=updates.dtype)
-    rows = int(user_ids.max()) + 1 if len(user_ids) else 0
-    if rows > len(history):
-        history = torch.cat([history, history.new_zeros(rows - len(history), history.shape[1])])
-    return history.index_add(0, user_ids.to(updates.device), updates)
+class Histories:
+    """FoolsGold's step 1, one row per user seen so far (sampled rounds: not one per user id).
+
+    ``rows`` is ``(capacity, P)``, grown by doubling, row ``index[u]`` the sum of user u's updates; summed in
+    place, so a round costs the users it holds, not a copy of everyone's history."""
+
+    def __init__(self) -> None:
+        self.index: dict[int, int] = {}
+        self.rows: torch.Tensor | None = None
+
+    def add(self, user_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        """Add ``updates`` (n, P) to the histories of ``user_ids`` (n,); return those histories (n, P)."""
+        for user in user_ids.tolist():
+            self.index.setdefault(user, len(self.index))
+        if self.rows is None:
+            self.rows = updates.new_zeros(0, updates.shape[1])
+        self.rows = self.rows.to(device=updates.device, dtype=updates.dtype)  # a resumed state: on the CPU
+        if len(self.index) > len(self.rows):
+            grown = self.rows.new_zeros(max(len(self.index), 2 * len(self.rows)), self.rows.shape[1])
+            grown[: len(self.rows)] = self.rows
+            self.rows = grown
+        at = torch.tensor([self.index[u] for u in user_ids.tolist()], dtype=torch.long, device=updates.device)
+        self.rows.index_add_(0, at, updates)
+        return self.rows[at]
+
+    def of(self, user: int) -> torch.Tensor | None:
+        """User ``user``'s history, ``None`` before its first whole upload."""
+        return None if user not in self.index else self.rows[self.index[user]]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.rows is None:
+            return {}
+        ids = sorted(self.index, key=self.index.get)
+        return {"history": self.rows[: len(ids)], "user_ids": torch.tensor(ids, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = state.get("history")
+        self.index = {} if self.rows is None else {u: row for row, u in enumerate(state["user_ids"].tolist())}
 
 
 def foolsgold_weights(histories: torch.Tensor, confidence: float = 1.0) -> torch.Tensor:
@@ -101,21 +128,20 @@ class FoolsGold(Defense):
 
     def __init__(self, params: FoolsGoldParams, server) -> None:
         super().__init__(params, server)
-        self.history: torch.Tensor | None = None  # (users, P), row u: the sum of user u's updates
+        self.history = Histories()  # the sum of each seen user's updates
 
     def aggregate(self, uploads: Uploads) -> Aggregate:
         updates = uploads.updates
         used = complete_rows(updates)
-        ids = uploads.user_ids[used]
-        self.history = accumulate(self.history, ids, updates[used])
+        histories = self.history.add(uploads.user_ids[used], updates[used])
         wv = torch.zeros(len(updates), dtype=torch.float64, device=updates.device)
         if used.any():
-            wv[used] = foolsgold_weights(self.history[ids.to(updates.device)], self.params.confidence)
+            wv[used] = foolsgold_weights(histories, self.params.confidence)
         weights = wv / wv.sum() if wv.sum() > 0 else wv
         return Aggregate(weighted_mean(updates, weights), weights.to(updates.dtype))
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.history is None else {"history": self.history}
+        return self.history.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = state.get("history")  # may be on the CPU: accumulate moves it
+        self.history.load_state_dict(state)
