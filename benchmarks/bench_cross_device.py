@@ -22,7 +22,7 @@ MNIST loaded and the users split (Linux's ``VmHWM``, reset through ``/proc/self/
 
 Data: MNIST from ``$AUROR_DATA_DIR`` (default ``../shared/datasets``), random data of its shape otherwise.
 Run: ``.venv/bin/python benchmarks/bench_cross_device.py`` (``--help``; ``--rounds 2 --repeats 1
---no-memory`` is a smoke run).
+--no-memory`` is a smoke run; ``--glibc-malloc-defaults``: without the loop's ``keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks share their helpers
 from bench_round import interleaved_times, load_mnist  # noqa: E402
 
+import pipeline.core.device as device  # noqa: E402
 from lightning_modules.mlp import MLPClassifier  # noqa: E402
 from pipeline.attacks.label_flip import LabelFlip  # noqa: E402
 from pipeline.core.loop import CollaborativeLoop, UserBehaviour  # noqa: E402
@@ -97,7 +98,8 @@ def status_mib(field: str) -> float:
 
 def peak_mib(case: str, rounds: int, seed: int) -> float:
     """How far above what it held with MNIST loaded a fresh process's resident set peaks while it runs ``case``."""
-    args = [sys.executable, __file__, "--memory-case", case, "--rounds", str(rounds), "--seed", str(seed)]
+    args = [sys.executable, __file__, "--memory-case", case, "--rounds", str(rounds), "--seed", str(seed),
+            *(["--glibc-malloc-defaults"] if device._allocator_kept is False else [])]
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak MiB"]
 
@@ -108,8 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="leave glibc's malloc as it is (the loop's keep_freed_memory skipped): what it saves")
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.glibc_malloc_defaults:
+        device._allocator_kept = False  # as if applied already
     torch.set_num_threads(torch.get_num_threads())
     x, y, note = load_mnist(60_000, args.seed)
     if args.memory_case:

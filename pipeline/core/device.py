@@ -23,10 +23,11 @@ def keep_freed_memory() -> bool:
 
     A round allocates and frees tensors of (users, parameters) many times: 44 MB each for 100 users of the
     MNIST MLP. glibc serves every allocation above 32 MB (less before its threshold adapts) with a fresh
-    ``mmap``, so each one faults its pages in again, zeroed by the kernel; the time went to the system, not to
-    the arithmetic (a sampled round of 100 users: 89 -> 57 ms, ``bench_cross_device.py``). With no ``mmap``
-    and no trimming below 2 GiB every allocation reuses the heap's pages: the resident set stays at its peak
-    until the process ends, the numbers are the same. Idempotent; returns whether it applies (glibc only).
+    ``mmap``, so each one faults its pages in again, zeroed by the kernel: the time goes to the system, not to
+    the arithmetic (a sampled round of 100 users of 60 samples: 93 -> 64 ms, ``bench_cross_device.py`` with and
+    without ``--glibc-malloc-defaults``). With no ``mmap`` and no trimming below 2 GiB every allocation reuses
+    the heap's pages: the resident set stays near its peak until the process ends; the numbers are the same.
+    Idempotent; returns whether it applies (glibc only).
     """
     global _allocator_kept
     if _allocator_kept is None:
