@@ -8,7 +8,8 @@ Nothing here is copied by hand. The pages come from what they describe:
 - ``reference/defenses/<name>.md``, ``reference/attacks/<name>.md``: the registries (summary, docstrings,
   parameters with defaults, constraints and comments, what ``auror tune`` searches, the tests that check it);
 - ``results/<report>.md``: every ``reports/*.json``, its tables rendered from the JSON and its figure;
-- a line ``!results <report> [<section>]`` in a hand-written page: that report's table, from its JSON.
+- a line ``!results <report> [<section>]`` in a hand-written page: that report's table, from its JSON (no
+  section, in a comparison or a sweep: each attack's table).
 
 ``tests/test_docs.py`` checks that every command, config key, defense and attack has its page and that the
 tables equal the reports'.
@@ -499,10 +500,13 @@ def report_tables(name: str) -> dict[str | None, str]:
 
 
 def expand_results(markdown: str, page: str) -> str:
-    """Every ``!results <report> [<section>]`` line of a page replaced by that table."""
+    """Every ``!results <report> [<section>]`` line of a page replaced by that table (no section, in a
+    report of one table per attack: every one of them)."""
 
     def table(m: re.Match) -> str:
         tables = report_tables(m[1])
+        if m[2] is None and None not in tables:
+            return "\n".join(tables.values())
         if m[2] not in tables:
             raise ValueError(f"{page}: !results {m[1]} {m[2] or ''}: sections are {', '.join(map(str, tables))}")
         return tables[m[2]]

@@ -269,3 +269,27 @@ def test_a_table_created_by_another_worker_at_the_same_moment_is_not_an_error():
     assert created_meanwhile(sa.exc.IntegrityError("CREATE TYPE", {}, Exception("duplicate key value")))
     assert not created_meanwhile(sa.exc.ProgrammingError("SELECT", {}, Exception('relation "x" does not exist')))
     assert not created_meanwhile(sa.exc.OperationalError("connect", {}, Exception("connection refused")))
+
+
+def test_a_sweep_over_attacks_reports_each_attack_in_its_own_section(tmp_path):
+    """A grid with an attack.name axis: a section per attack, headed by its kind, with its settings' columns only
+    (the benign cell shared across them); the cells are still found where a sweep records them."""
+    from pipeline.experiment.compare import sweep_grid
+
+    base = load_config(None, [*TINY, f"tracking.reports_dir={tmp_path}"])
+    grid = sweep_grid(base, ["attack.name=label_flip,ipm", "users.malicious_fraction=0.2,0.4"], [0],
+                      ["benign", "attack"], "mixed")
+    (group, cells), = grid.cells.items()
+    metrics = {c.key: {"accuracy": 0.5 if c.arm == "attack" else 0.9, "attack_success_rate": 0.7,
+                       "detection_rate": None, "false_positive_rate": None} for c in cells}
+    grid.store.record(group, cells, metrics)
+    md = grid.write_report("auror sweep ...")
+    results = json.loads(md.with_suffix(".json").read_text())["results"]
+    assert list(results) == ["label_flip", "ipm"]
+    assert list(results["ipm"]["attack"]) == ["attack.name=ipm, users.malicious_fraction=0.2",
+                                              "attack.name=ipm, users.malicious_fraction=0.4"]
+    assert results["ipm"]["attack"]["attack.name=ipm, users.malicious_fraction=0.2"]["accuracy_drop"] == \
+        pytest.approx(0.4)
+    text = md.read_text()
+    assert "## label_flip (targeted, 1 -> 7)" in text and "## ipm (untargeted: success is AD)" in text
+    assert text.count("| benign (no attack) |") == 2

@@ -59,13 +59,16 @@ def check_attacks(attacks: list[str]) -> list[str]:
 
 class Grid:
     """A planned grid: its cells by group (a comparison's attack; a sweep's one group), the labels of
-    each group's settings, the store its results go to and the report that views them."""
+    each group's settings, the store its results go to and the report that views them. The report has a
+    section per attack: a comparison's groups, or the attacks a sweep's settings name (its base attack
+    where they name none)."""
 
     def __init__(self, base: Config, groups: dict[str, list[Setting]], seeds: list[int], arms: list[str],
                  store: Path, report: Path, code: str | None = None) -> None:
         self.base, self.seeds, self.store, self.report = base, seeds, ResultsStore(store), report
         self.cells = {group: expand(base, settings, seeds, arms, code) for group, settings in groups.items()}
         self.labels = {group: [s.label for s in settings] for group, settings in groups.items()}
+        self.sections = {group: attack_sections(settings, base.attack.name) for group, settings in groups.items()}
         self.config = report_config(base)
 
     def check_report(self, elsewhere: str) -> None:
@@ -104,8 +107,27 @@ class Grid:
                               f"{' '.join(map(str, self.seeds))} in {self.store.root}; run without --report-only first")
         missing = [c for group in tables for c in self.cells[group] if c.key not in recorded[group]]
         absent = [group for group in self.cells if group not in tables]
-        return write_compare_report(tables, self.base, self.labels, self.seeds, command, self.report, self.config,
+        sections = {attack: (group, labels) for group in tables for attack, labels in self.sections[group].items()}
+        tables = {attack: table for attack, (group, labels) in sections.items()
+                  if (table := section_table(tables[group], labels))}
+        labels = {attack: labels for attack, (_, labels) in sections.items()}
+        return write_compare_report(tables, self.base, labels, self.seeds, command, self.report, self.config,
                                     missing, absent)
+
+
+def attack_sections(settings: list[Setting], base_attack: str) -> dict[str, list[str]]:
+    """``{attack: the labels of its settings}``, in the grid's order: the attack a setting's ``attack.name``
+    names, else ``base_attack``."""
+    sections: dict[str, list[str]] = {}
+    for s in settings:
+        named = [o.partition("=")[2] for o in s.overrides if o.partition("=")[0] == "attack.name"]
+        sections.setdefault(named[-1] if named else base_attack, []).append(s.label)
+    return sections
+
+
+def section_table(table: dict[str, dict], labels: list[str]) -> dict[str, dict]:
+    """The rows of ``table`` (``{arm: {label: metrics}}``) restricted to ``labels``; arms with none left out."""
+    return {arm: kept for arm, row in table.items() if (kept := {label: row[label] for label in labels if label in row})}
 
 
 def compare_grid(base: Config, seeds: list[int], arms: list[str] | None, attacks: list[str] | None,
@@ -263,7 +285,9 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
                         color="white" if (v < 0.5) == (cmap == "viridis") else "black")
         ax.set_yticks(range(len(arms)), arms, fontsize=7)
         ax.set_title(label, fontsize=9)
-    axes[-1].set_xticks(range(len(columns)), [f"{a}: {s}" for a, s in columns], rotation=40, ha="right", fontsize=7)
+    names = [", ".join(part for part in s.split(", ") if part != f"attack.name={a}") for a, s in columns]
+    axes[-1].set_xticks(range(len(columns)), [f"{a}: {n}" if n else a for (a, _), n in zip(columns, names)],
+                        rotation=40, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title above the first panel
     fig.savefig(path, dpi=110)
