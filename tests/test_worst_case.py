@@ -57,6 +57,29 @@ def test_running_it_again_continues_the_studies_and_rewrites_the_same_report(tin
     assert more["pairs"][0]["trials"] == 4 and more["pairs"][0]["default"] == first["pairs"][0]["default"]
 
 
+def test_the_studies_of_one_config_share_their_benign_arm(tiny_config, tmp_path, monkeypatch):
+    """Four studies, two ways of measuring success (the benign cell's key holds it): two benign runs, not four;
+    new studies of the same config later read them from the store and run none."""
+    from pipeline.experiment import tune
+
+    benign_runs = []
+    real = tune.run_arm
+
+    def counting(cfg, arm, *args, **kwargs):
+        benign_runs.extend([arm] if arm == "benign" else [])
+        return real(cfg, arm, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "run_arm", counting)
+    run(tiny_config, tmp_path, n_trials=1)
+    assert len(benign_runs) == 2
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    accuracy = {studies.optuna.load_study(study_name=f"worst-{a}-{d}-digits", storage=storage).user_attrs[
+        "benign_accuracy"] for a in PAIRS["attacks"] for d in PAIRS["defenses"]}
+    assert len(accuracy) == 1  # the benign model does not depend on how success is measured
+    run(tiny_config, tmp_path, n_trials=1, defenses=["trimmed_mean"])
+    assert len(benign_runs) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attacks", "sybil"], "--attacks: must be registered attacks"),
     (["--attacks", "mimic"], "--attacks: mimic has no knobs to search"),

@@ -93,6 +93,7 @@ class StudySpec:
     study_name: str | None = None
     max_malicious_fraction: float | None = None
     fixed_attackers: bool = False  # kind attack: search the attack's knobs only, with the configured attackers
+    benign_store: Path | None = None  # a results store the benign arm is read from and recorded in, by its key
     extra_callbacks: list[Callback] = field(default_factory=list)  # added to every trial's loop (tests)
 
 
@@ -183,12 +184,25 @@ def earliest_parent_run(experiment_id: str, name: str) -> str:
     return min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
 
-def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache) -> float:
-    """The benign arm's accuracy for the study's config: run once, then read from the study."""
+def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache, store: Path | None = None) -> float:
+    """The benign arm's accuracy for the study's config: run once, then read from the study; with a results
+    ``store``, read from it by the benign cell's key when another study recorded it (``auror worst-case``: the
+    studies of one config share their benign arm), else recorded there."""
     if "benign_accuracy" not in study.user_attrs:
-        log.info("benign arm (once per study, for the accuracy drop)")
-        study.set_user_attr("benign_accuracy",
-                            run_arm(cfg, "benign", [tracking.ProgressLogger("benign")], data=data).metrics["accuracy"])
+        from pipeline.experiment.grid import Cell, cell_key
+        from pipeline.experiment.store import ResultsStore
+
+        cell = Cell("benign", "benign", cfg.seed, cell_key(cfg, "benign"), cfg)
+        found = ResultsStore(store).results("benign", [cell]) if store is not None else {}
+        if cell.key in found:
+            metrics = found[cell.key]
+            log.info("benign arm: recorded in %s", store)
+        else:
+            log.info("benign arm (once per study, for the accuracy drop)")
+            metrics = run_arm(cfg, "benign", [tracking.ProgressLogger("benign")], data=data).metrics
+            if store is not None:
+                ResultsStore(store).record("benign", [cell], {cell.key: metrics})
+        study.set_user_attr("benign_accuracy", metrics["accuracy"])
     return study.user_attrs["benign_accuracy"]
 
 
@@ -249,7 +263,7 @@ def run_study(spec: StudySpec) -> StudyResult:
     data = DataCache()  # trials that vary only the attack's or the defense's knobs share the seed's data
     try:
         mlflow.set_tag("n_trials", str(spec.n_trials))
-        benign = benign_accuracy(study, base, data)
+        benign = benign_accuracy(study, base, data, spec.benign_store)
         mlflow.log_metric("benign_accuracy", benign)
         finished = studies.count_finished(study)
         remaining = max(spec.n_trials - finished, 0)

@@ -12,7 +12,9 @@ continues each study to ``--n-trials`` (a finished study runs nothing) and rewri
 The report, ``<reports_dir>/<name>.md/.json/.png`` (default name ``worst_case_<dataset>``): per defense,
 its worst targeted SR and worst accuracy drop over the attacks, the attack and knobs that reached
 them, beside that attack's default-knob value; every pair's default and worst value; a heatmap.
-Each study's trials are in ``<reports_dir>/worst_case/<dataset>/trials_<study>.csv``.
+Each study's trials are in ``<reports_dir>/worst_case/<dataset>/trials_<study>.csv``; the benign arm, whose
+accuracy the accuracy drop is against, runs once for the studies of one config (recorded by its cell's key in
+``<reports_dir>/worst_case/<dataset>/cells/``), not once per study.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
         attacked = with_overrides(base, [f"attack.name={attack}"])
         for defense in dict.fromkeys(defenses):
             spec = StudySpec(attacked, "attack", defense, n_trials, storage,
-                             f"worst-{attack}-{defense}-{cfg.data.name}", fixed_attackers=True)
+                             f"worst-{attack}-{defense}-{cfg.data.name}", fixed_attackers=True,
+                             benign_store=Path(base.tracking.reports_dir) / "cells")
             validate_spec(spec, attacked)
             specs.append(spec)
     return specs
