@@ -65,7 +65,9 @@ from pipeline.core.metrics import accuracy_drop
 from pipeline.defenses import REGISTRY
 from pipeline.experiment.arms import ARMS, arm_params, check_arms, run_arm, DataCache
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
+from pipeline.experiment.grid import Cell, cell_key
 from pipeline.experiment.storage import STUDY_STORAGE
+from pipeline.experiment.store import ResultsStore
 from pipeline.lazy import OnFirstUse
 
 if TYPE_CHECKING:
@@ -189,9 +191,6 @@ def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache, store: Pa
     ``store``, read from it by the benign cell's key when another study recorded it (``auror worst-case``: the
     studies of one config share their benign arm), else recorded there."""
     if "benign_accuracy" not in study.user_attrs:
-        from pipeline.experiment.grid import Cell, cell_key
-        from pipeline.experiment.store import ResultsStore
-
         cell = Cell("benign", "benign", cfg.seed, cell_key(cfg, "benign"), cfg)
         found = ResultsStore(store).results("benign", [cell]) if store is not None else {}
         if cell.key in found:
