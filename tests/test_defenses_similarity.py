@@ -106,6 +106,17 @@ def test_foolsgold_keeps_a_history_row_per_user_seen_and_weighs_as_a_row_per_id_
         assert torch.equal(d.history.of(9_999), dense[9_999])
 
 
+def test_foolsgold_resumes_a_checkpoint_of_a_history_row_per_id():
+    """A checkpoint written when the history held a row per id (row u: user u) resumes as the same history."""
+    dense = randn(4, 30, seed=8)
+    d = FoolsGold(FoolsGoldParams(), SERVER)
+    d.load_state_dict({"history": dense.clone()})
+    assert all(torch.equal(d.history.of(u), dense[u]) for u in range(4)) and d.history.of(4) is None
+    step = randn(2, 30, seed=9)
+    d.aggregate(Uploads(1, torch.tensor([1, 5]), step))
+    assert torch.equal(d.history.of(1), dense[1] + step[0]) and torch.equal(d.history.of(5), step[1])
+
+
 def test_foolsgold_state_dict_round_trip_gives_the_same_next_round():
     d = FoolsGold(FoolsGoldParams(), SERVER)
     for round_ in (1, 2):

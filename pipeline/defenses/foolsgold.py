@@ -89,7 +89,9 @@ class Histories:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = state.get("history")
-        self.index = {} if self.rows is None else {u: row for row, u in enumerate(state["user_ids"].tolist())}
+        # a checkpoint from before the rows were per user seen: row u is user u's
+        ids = state["user_ids"].tolist() if "user_ids" in state else range(0 if self.rows is None else len(self.rows))
+        self.index = {u: row for row, u in enumerate(ids)}
 
 
 def foolsgold_weights(histories: torch.Tensor, confidence: float = 1.0) -> torch.Tensor:
