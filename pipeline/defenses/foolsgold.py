@@ -64,7 +64,8 @@ class Histories:
 
     def add(self, user_ids: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
         """Add ``updates`` (n, P) to the histories of ``user_ids`` (n,); return those histories (n, P)."""
-        for user in user_ids.tolist():
+        users = user_ids.tolist()
+        for user in users:
             self.index.setdefault(user, len(self.index))
         if self.rows is None:
             self.rows = updates.new_zeros(0, updates.shape[1])
@@ -73,7 +74,7 @@ class Histories:
             grown = self.rows.new_zeros(max(len(self.index), 2 * len(self.rows)), self.rows.shape[1])
             grown[: len(self.rows)] = self.rows
             self.rows = grown
-        at = torch.tensor([self.index[u] for u in user_ids.tolist()], dtype=torch.long, device=updates.device)
+        at = torch.tensor([self.index[u] for u in users], dtype=torch.long, device=updates.device)
         self.rows.index_add_(0, at, updates)
         return self.rows[at]
 

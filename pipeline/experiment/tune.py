@@ -192,15 +192,16 @@ def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache, store: Pa
     studies of one config share their benign arm), else recorded there."""
     if "benign_accuracy" not in study.user_attrs:
         cell = Cell("benign", "benign", cfg.seed, cell_key(cfg, "benign"), cfg)
-        found = ResultsStore(store).results("benign", [cell]) if store is not None else {}
+        recorded = ResultsStore(store) if store is not None else None
+        found = recorded.results("benign", [cell]) if recorded is not None else {}
         if cell.key in found:
             metrics = found[cell.key]
             log.info("benign arm: recorded in %s", store)
         else:
             log.info("benign arm (once per study, for the accuracy drop)")
             metrics = run_arm(cfg, "benign", [tracking.ProgressLogger("benign")], data=data).metrics
-            if store is not None:
-                ResultsStore(store).record("benign", [cell], {cell.key: metrics})
+            if recorded is not None:
+                recorded.record("benign", [cell], {cell.key: metrics})
         study.set_user_attr("benign_accuracy", metrics["accuracy"])
     return study.user_attrs["benign_accuracy"]
 
