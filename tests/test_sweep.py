@@ -140,6 +140,25 @@ def test_bad_storage_urls_are_refused_in_one_line(url, message, monkeypatch):
         database_url(url, "--storage")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("data.name=mnist", "auror: error: MNIST not found under"),  # data.root: an empty folder
+    ("users.min_samples=1000", "auror: error: users.num_users: 5 users leave one with"),
+])
+def test_a_sweep_whose_cells_would_all_fail_on_their_data_claims_none(setting, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
+    (tmp_path / "nodata").mkdir()
+    args = ["sweep", "--grid", "users.malicious_fraction=0.2,0.4", "--arms", "attack", "--seeds", "0", "--no-track",
+            "--storage", f"sqlite:///{tmp_path}/s.db", "--sweep-name", "nodata", *[a for kv in TINY for a in ("--set", kv)],
+            "--set", f"data.root={tmp_path / 'nodata'}", "--set", "data.download=false", "--set", setting]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert Sweep(f"sqlite:///{tmp_path}/s.db", "nodata").rows() == []  # no cell claimed, none marked failed
+    assert not (tmp_path / "reports").exists()
+
+
 def test_auror_sweep_runs_a_grid_and_reports_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["sweep", "--grid", "users.malicious_fraction=0.2,0.4", "--arms", "benign", "attack", "median",

@@ -120,6 +120,19 @@ def test_bad_tune_arguments_exit_2_before_any_work(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_missing_dataset_is_refused_before_the_study_or_its_mlflow_run_is_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
+    (tmp_path / "nodata").mkdir()
+    args = ["tune", "--n-trials", "1", "--study-name", "t", "--storage", f"sqlite:///{tmp_path}/t.db",
+            *[a for s in [*TINY, "data.name=mnist", f"data.root={tmp_path / 'nodata'}", "data.download=false"]
+              for a in ("--set", s)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("auror: error: MNIST not found under") and err.count("\n") == 1
+    assert not (tmp_path / "t.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 def test_a_defense_study_searches_any_defense_with_search_ranges(tmp_path):
     import yaml
 

@@ -28,7 +28,7 @@ from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY as DEFENSES
 from pipeline.core.metrics import accuracy_drop, attack_success
 from pipeline.core.sampling import round_size
-from pipeline.experiment.arms import ARMS
+from pipeline.experiment.arms import ARMS, build_datamodule
 from pipeline.experiment.config import Config, ConfigError, check_name
 from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, parse_grid
 from pipeline.experiment.storage import SWEEP_STORAGE
@@ -82,6 +82,8 @@ class Grid:
         (and, at the end, every cell another worker finished)."""
         recorded = self.recorded()
         todo = {c.key: c for group, cells in self.cells.items() for c in cells if c.key not in recorded[group]}
+        for cfg in {(repr(c.cfg.data), repr(c.cfg.users)): c.cfg for c in todo.values()}.values():
+            build_datamodule(cfg, poison=False)  # a missing dataset or a bad partition, refused before any cell
         sweep = queue.Sweep(storage or SWEEP_STORAGE, sweep_name)
         if track and self.base.tracking.tracking_uri.startswith(("http://", "https://")):  # once, before any cell
             tracking.check_tracking_server(self.base.tracking.tracking_uri, self.base.tracking.experiment)

@@ -247,6 +247,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     name, budget = validate_spec(spec, base)
     if base.tracking.tracking_uri.startswith(("http://", "https://")):  # before the study is opened or made
         tracking.check_tracking_server(base.tracking.tracking_uri, base.tracking.experiment)
+    data = DataCache()  # trials that vary only the attack's or the defense's knobs share the seed's data
+    data.get(base, "benign")  # a missing dataset or a bad partition, refused before the study is opened
     storage = studies.open_storage(spec.storage or STUDY_STORAGE)
     setting = studies.study_setting(spec.kind, spec.defense, base, budget)
     if spec.fixed_attackers:  # (a key only then: the studies made before it are still found)
@@ -260,7 +262,6 @@ def run_study(spec: StudySpec) -> StudyResult:
         study.enqueue_trial({}, user_attrs={"baseline": True})
     parent_id = start_parent_run(study, experiment_id, name, spec, base)
     started: list[int] = []
-    data = DataCache()  # trials that vary only the attack's or the defense's knobs share the seed's data
     try:
         mlflow.set_tag("n_trials", str(spec.n_trials))
         benign = benign_accuracy(study, base, data, spec.benign_store)
