@@ -45,6 +45,9 @@ def poison_targeted(
     return poisoned, flipped
 
 
+PARTITION_DRAWS = 100  # Dirichlet draws tried before a partition is refused
+
+
 def dirichlet_partition(
     labels: np.ndarray, num_users: int, concentration: float, min_samples: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -53,23 +56,27 @@ def dirichlet_partition(
 
     Small concentrations (e.g. 0.1) give each user few classes; large ones
     (e.g. 1000) give near-IID shares. Every index lands in exactly one part;
-    parts are sorted. Raises ``ValueError`` if some user gets fewer than
-    ``min_samples`` samples.
+    parts are sorted. A draw that leaves some user fewer than ``min_samples``
+    samples is drawn again from ``rng`` (as the field's partitioners do), so a
+    first draw that passes is the partition; raises ``ValueError`` when none of
+    :data:`PARTITION_DRAWS` draws passes.
     """
     if num_users < 1 or concentration <= 0:
         raise ValueError(f"need num_users >= 1 and concentration > 0, got {num_users}, {concentration}")
-    parts = [[np.empty(0, dtype=np.intp)] for _ in range(num_users)]
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        shares = rng.dirichlet(np.full(num_users, concentration))
-        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-        for user, chunk in enumerate(np.split(members, cuts)):
-            parts[user].append(chunk)
-    result = [np.sort(np.concatenate(chunks)) for chunks in parts]
-    smallest = min(len(part) for part in result)
-    if smallest < min_samples:
-        raise ValueError(
-            f"dirichlet_partition: a user got {smallest} samples, fewer than min_samples={min_samples}; "
-            "raise the concentration or lower the number of users"
-        )
-    return result
+    fewest = 0
+    for _ in range(PARTITION_DRAWS):
+        parts = [[np.empty(0, dtype=np.intp)] for _ in range(num_users)]
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            shares = rng.dirichlet(np.full(num_users, concentration))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for user, chunk in enumerate(np.split(members, cuts)):
+                parts[user].append(chunk)
+        result = [np.sort(np.concatenate(chunks)) for chunks in parts]
+        fewest = max(fewest, min(len(part) for part in result))
+        if fewest >= min_samples:
+            return result
+    raise ValueError(
+        f"dirichlet_partition: each of {PARTITION_DRAWS} draws left a user fewer than min_samples={min_samples} "
+        f"samples (at best {fewest}); raise the concentration or lower the number of users"
+    )

@@ -39,6 +39,23 @@ def test_large_concentration_gives_near_iid_shares():
 
 
 def test_too_few_samples_raises_a_helpful_error():
-    with pytest.raises(ValueError, match=r"fewer than min_samples=20; raise the concentration"):
+    with pytest.raises(ValueError, match=r"each of 100 draws left a user fewer than min_samples=20 samples \(at best "
+                                         r"\d+\); raise the concentration"):
         dirichlet_partition(LABELS[:200], 50, 0.1, 20, np.random.default_rng(0))
     assert len(dirichlet_partition(LABELS, 10, 1000.0, 250, np.random.default_rng(0))) == 10
+
+
+def first_draw_fewest(seed: int) -> int:
+    return min(len(p) for p in dirichlet_partition(LABELS, 20, 0.5, 0, np.random.default_rng(seed)))
+
+
+def test_a_draw_leaving_a_user_too_few_samples_is_drawn_again_and_a_passing_first_draw_is_kept():
+    fewest = [first_draw_fewest(seed) for seed in range(20)]
+    failing = next(seed for seed, f in enumerate(fewest) if f < 20)
+    passing = next(seed for seed, f in enumerate(fewest) if f >= 20)
+    redrawn = dirichlet_partition(LABELS, 20, 0.5, 20, np.random.default_rng(failing))
+    assert min(len(p) for p in redrawn) >= 20
+    assert sorted(np.concatenate(redrawn).tolist()) == list(range(len(LABELS)))
+    kept = dirichlet_partition(LABELS, 20, 0.5, 20, np.random.default_rng(passing))
+    first = dirichlet_partition(LABELS, 20, 0.5, 0, np.random.default_rng(passing))
+    assert all(np.array_equal(a, b) for a, b in zip(kept, first))  # min_samples changes no partition that passes
