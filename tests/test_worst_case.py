@@ -108,3 +108,50 @@ def test_a_report_of_another_config_is_not_written_over(tiny_config, tmp_path):
     other = dataclasses.replace(tiny_config, seed=1)
     with pytest.raises(ConfigError, match="holds a report of another config"):
         run(other, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+
+
+def test_an_interrupted_search_leaves_the_report_of_the_studies_it_finished(tiny_config, tmp_path, monkeypatch):
+    from pipeline.experiment import worst_case
+
+    real = worst_case.run_study
+
+    def stopped_at_label_flip(spec):
+        if spec.cfg.attack.name == "label_flip":
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(worst_case, "run_study", stopped_at_label_flip)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config, tmp_path, 1, defenses=["median"])
+    stem = tmp_path / "reports" / "worst_case_digits"
+    report = json.loads(stem.with_suffix(".json").read_text())
+    done, pending = report["pairs"]
+    assert (done["attack"], done["trials"]) == ("ipm", 1) and done["worst"] is not None
+    assert (pending["attack"], pending["trials"], pending["worst"], pending["default"]) == ("label_flip", 0, None, None)
+    assert "Searched to the budget: 1 of 2 pairs" in stem.with_suffix(".md").read_text()
+
+
+def test_report_only_runs_nothing_and_reads_the_studies_the_storage_holds(tiny_config, tmp_path, monkeypatch):
+    from pipeline.experiment import tune
+
+    ran = json.loads(run(tiny_config, tmp_path, 2, defenses=["median"], attacks=["ipm"]).with_suffix(".json").read_text())
+    monkeypatch.setattr(tune, "run_arm", lambda *a, **k: pytest.fail("--report-only trained a model"))
+    md = run_worst_case(tiny_config, ["median"], ["ipm", "label_flip"], 2, f"sqlite:///{tmp_path}/optuna.db", None,
+                        "auror worst-case --report-only (test)", report_only=True)
+    report = json.loads(md.with_suffix(".json").read_text())
+    assert report["pairs"][0] == ran["pairs"][0]
+    assert report["pairs"][1]["trials"] == 0 and report["leaderboard"][0]["AD"] == ran["leaderboard"][0]["AD"]
+    assert "Searched to the budget: 1 of 2 pairs" in md.read_text()
+
+
+def test_report_only_refuses_a_storage_without_the_studies_and_a_study_of_another_setting(tiny_config, tmp_path):
+    import dataclasses
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    with pytest.raises(ConfigError, match="--report-only: no trial of these 1 studies"):
+        run_worst_case(tiny_config, ["median"], ["ipm"], 1, storage, None, "test", report_only=True)
+    assert not (tmp_path / "reports" / "worst_case_digits.json").exists()
+    run(tiny_config, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+    other = dataclasses.replace(tiny_config, seed=1)
+    with pytest.raises(ConfigError, match="the study was made with another setting"):
+        run_worst_case(other, ["median"], ["ipm"], 1, storage, "other", "test", report_only=True)

@@ -97,7 +97,8 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
     if args.seeds and len(args.seeds) > 1:
         raise ConfigError("--seeds: auror worst-case runs one seed per trial; give one seed (or --set seed=N)")
     cfg = dataclasses.replace(args.cfg, seed=args.seeds[0]) if args.seeds else args.cfg
-    md = run_worst_case(cfg, args.defenses, args.attacks, args.n_trials, args.storage, args.name, command_line(args))
+    md = run_worst_case(cfg, args.defenses, args.attacks, args.n_trials, args.storage, args.name, command_line(args),
+                        args.report_only)
     print_written(md)
     return 0
 
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     worst.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
                        "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
     worst.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default worst_case_<dataset>)")
+    worst.add_argument("--report-only", action="store_true",
+                       help="run nothing: build the report from the trials the storage holds (a search under way "
+                            "or stopped: each pair's finished trials are stated)")
     worst.set_defaults(func=cmd_worst_case)
     report = sub.add_parser("report", help="run the paper's settings for the configured dataset and write "
                             "a Markdown table beside the paper's numbers (e.g. --params configs/mnist.yaml)")

@@ -91,14 +91,19 @@ def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
-def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+def check_setting(study: optuna.Study, name: str, setting: dict) -> None:
+    """A study is continued, or read, under the setting it was made with only."""
     stored = study.user_attrs.get("setting")
-    if stored is None:
-        study.set_user_attr("setting", setting)
-    elif stored != setting:
+    if stored is not None and stored != setting:
         raise ConfigError(f"--study-name {name}: the study was made with another setting "
                           f"({first_difference(stored, setting)}); pick a new --study-name")
+
+
+def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    check_setting(study, name, setting)
+    if study.user_attrs.get("setting") is None:
+        study.set_user_attr("setting", setting)
     # re-seeded on every resume, so that a continued study does not replay its first samples
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
     return study

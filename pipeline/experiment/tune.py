@@ -137,6 +137,26 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
     return name, budget
 
 
+def study_setting(spec: StudySpec, budget: float) -> dict:
+    """What the spec's study must have been made with to be continued or read."""
+    setting = studies.study_setting(spec.kind, spec.defense, spec.cfg, budget)
+    if spec.fixed_attackers:  # (a key only then: the studies made before it are still found)
+        setting["fixed_attackers"] = True
+    return setting
+
+
+def load_study(spec: StudySpec) -> optuna.Study | None:
+    """The spec's study as its storage holds it, running nothing; None when it was never made."""
+    name, budget = validate_spec(spec, spec.cfg)
+    storage = studies.open_storage(spec.storage or STUDY_STORAGE)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    studies.check_setting(study, name, study_setting(spec, budget))
+    return study
+
+
 @contextlib.contextmanager
 def child_run(experiment_id: str, run_name: str, tags: dict[str, str]):
     """A nested MLflow run: FINISHED when complete or pruned, KILLED on Ctrl-C, FAILED on an error."""
@@ -250,10 +270,7 @@ def run_study(spec: StudySpec) -> StudyResult:
     data = DataCache()  # trials that vary only the attack's or the defense's knobs share the seed's data
     data.get(base, "benign")  # a missing dataset or a bad partition, refused before the study is opened
     storage = studies.open_storage(spec.storage or STUDY_STORAGE)
-    setting = studies.study_setting(spec.kind, spec.defense, base, budget)
-    if spec.fixed_attackers:  # (a key only then: the studies made before it are still found)
-        setting["fixed_attackers"] = True
-    study = studies.open_study(storage, name, setting, base.seed)
+    study = studies.open_study(storage, name, study_setting(spec, budget), base.seed)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3,
                                                n_warmup_steps=objectives.warmup_rounds(spec.kind, spec.defense, base))
     experiment_id = tracking.setup_mlflow(base)

@@ -29,7 +29,8 @@ from pipeline.attacks.base import ACCURACY_DROP
 from pipeline.experiment.arms import ARMS
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
 from pipeline.experiment.store import check_report, report_config
-from pipeline.experiment.tune import StudySpec, run_study, validate_spec
+from pipeline.experiment.storage import STUDY_STORAGE
+from pipeline.experiment.tune import StudySpec, load_study, run_study, validate_spec
 
 log = logging.getLogger("auror")
 
@@ -67,10 +68,12 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
 
 
 def summarise(spec: StudySpec, study) -> dict:
-    """A pair's row: its default-knob value (trial 0), its worst (the study's best) and the knobs of it."""
+    """A pair's row: its default-knob value (trial 0), its worst (the study's best) and the knobs of it
+    (a study not made yet: no value, no trial)."""
     attack = spec.cfg.attack.name
-    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    baseline = next((t for t in study.trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"), None)
+    trials = [] if study is None else study.trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    baseline = next((t for t in trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"), None)
     completed = [t for t in finished if t.state.name == "COMPLETE"]
     best = max(completed, key=lambda t: t.value) if completed else None
     return {"defense": spec.defense, "attack": attack, "study": spec.study_name,
@@ -81,21 +84,35 @@ def summarise(spec: StudySpec, study) -> dict:
 
 
 def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_trials: int,
-                   storage: str | None, name: str | None, command: str) -> Path:
-    """Run (or continue) every pair's study, then write the report; returns the Markdown's path."""
+                   storage: str | None, name: str | None, command: str, report_only: bool = False) -> Path:
+    """Run (or continue) every pair's study, writing the report after each; returns the Markdown's path.
+
+    ``report_only``: run nothing, write the report from the studies the storage holds (refused when it
+    holds none of them)."""
     if n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {n_trials}")
     name = check_name("--name", name or f"worst_case_{cfg.data.name}")
-    json_path = Path(cfg.tracking.reports_dir) / f"{name}.json"
+    stem = Path(cfg.tracking.reports_dir) / name
     config = report_config(cfg)
-    check_report(json_path, config, "give --name NAME to write this report as NAME.md beside it")
+    check_report(stem.with_suffix(".json"), config, "give --name NAME to write this report as NAME.md beside it")
     specs = plan(cfg, defenses, attacks, n_trials, storage)
-    rows = []
-    for i, spec in enumerate(specs, start=1):
-        log.info("== study %d/%d: %s against %s (%s)", i, len(specs), spec.cfg.attack.name, spec.defense,
+    if report_only:
+        url = storage or STUDY_STORAGE
+        nothing = ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
+                              "run without --report-only first")
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+            raise nothing  # (opening it would make an empty database)
+        rows = [summarise(spec, load_study(spec)) for spec in specs]
+        if not any(r["trials"] for r in rows):
+            raise nothing
+        return write_report(rows, cfg, config, n_trials, command, stem)
+    rows = [summarise(spec, None) for spec in specs]
+    for i, spec in enumerate(specs):  # the report after each study: an interrupted search leaves its progress
+        log.info("== study %d/%d: %s against %s (%s)", i + 1, len(specs), spec.cfg.attack.name, spec.defense,
                  spec.study_name)
-        rows.append(summarise(spec, run_study(spec).study))
-    return write_report(rows, cfg, config, n_trials, command, Path(cfg.tracking.reports_dir) / name)
+        rows[i] = summarise(spec, run_study(spec).study)
+        md = write_report(rows, cfg, config, n_trials, command, stem)
+    return md
 
 
 def leaderboard(rows: list[dict]) -> list[dict]:
@@ -130,6 +147,8 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
              f"{cfg.users.malicious_fraction:.0%} malicious users; config {config['hash']}, every value in "
              f"`{stem.name}.json`. SR: attack success rate (targeted); AD: accuracy drop against the benign arm "
              "(untargeted). Each cell: worst (default knobs).", "",
+             f"Searched to the budget: {sum(r['trials'] >= n_trials for r in rows)} of {len(rows)} pairs (the "
+             "second table gives each pair's finished trials; a pair at 0 has not been searched yet).", "",
              "| defense | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|"]
     for entry in board:
         cells = []
