@@ -155,3 +155,12 @@ def test_report_only_refuses_a_storage_without_the_studies_and_a_study_of_anothe
     other = dataclasses.replace(tiny_config, seed=1)
     with pytest.raises(ConfigError, match="the study was made with another setting"):
         run_worst_case(other, ["median"], ["ipm"], 1, storage, "other", "test", report_only=True)
+
+
+def test_the_tables_give_a_searched_knob_to_three_significant_digits():
+    from pipeline.experiment.worst_case import short_knob
+
+    assert short_knob("attack.boost=5.190263017695163") == "attack.boost=5.19"
+    assert short_knob("attack.alie.z=0.00012345") == "attack.alie.z=0.000123"
+    assert short_knob("attack.malicious_epochs=4") == "attack.malicious_epochs=4"
+    assert short_knob("attack.alie.variant=backdoor") == "attack.alie.variant=backdoor"

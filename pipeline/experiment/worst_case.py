@@ -128,6 +128,16 @@ def leaderboard(rows: list[dict]) -> list[dict]:
     return board
 
 
+def short_knob(override: str) -> str:
+    """``key=value`` with a fractional value to 3 significant digits (the tables; the JSON keeps every digit)."""
+    key, _, text = override.partition("=")
+    try:
+        number = float(text)
+    except ValueError:
+        return override
+    return override if number.is_integer() else f"{key}={number:.3g}"
+
+
 def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, command: str, stem: Path) -> Path:
     """``<stem>.json`` (config, budget, every pair, the leaderboard), ``<stem>.md`` and the heatmap ``<stem>.png``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +149,7 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
         return "-" if x is None else f"{x:.3f}"
 
     def knobs(overrides: list[str] | None) -> str:
-        return "configured" if not overrides else ", ".join(f"`{o}`" for o in overrides)
+        return "configured" if not overrides else ", ".join(f"`{short_knob(o)}`" for o in overrides)
 
     lines = [f"# {cfg.data.name}: each defense against its worst attacker", "",
              f"Produced by `{command}`: per (defense, attack) pair an Optuna study of at most {n_trials} trials "
