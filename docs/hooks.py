@@ -352,6 +352,8 @@ def plugin_pages() -> dict[str, str]:
 
 
 def report_kind(data: dict) -> str:
+    if "leaderboard" in data:
+        return "worst_case"
     if "setting" in data and "seeds" in data:
         return "diagnose"
     if "missing" in data:
@@ -496,6 +498,10 @@ def report_tables(name: str) -> dict[str | None, str]:
         return compare_tables(data)
     if kind == "paper":
         return {None: paper_table(name, data)}
+    if kind == "worst_case":
+        from pipeline.experiment.worst_case import report_tables as worst_case_tables
+
+        return worst_case_tables(data)
     return {None: diagnose_table(name, data)}
 
 

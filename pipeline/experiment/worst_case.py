@@ -141,16 +141,8 @@ def short_knob(override: str) -> str:
 def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, command: str, stem: Path) -> Path:
     """``<stem>.json`` (config, budget, every pair, the leaderboard), ``<stem>.md`` and the heatmap ``<stem>.png``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    board = leaderboard(rows)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": board}, indent=1) + "\n")
-
-    def value(x: float | None) -> str:
-        return "-" if x is None else f"{x:.3f}"
-
-    def knobs(overrides: list[str] | None) -> str:
-        return "configured" if not overrides else ", ".join(f"`{short_knob(o)}`" for o in overrides)
-
+    data = {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": leaderboard(rows)}
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     lines = [f"# {cfg.data.name}: each defense against its worst attacker", "",
              f"Produced by `{command}`: per (defense, attack) pair an Optuna study of at most {n_trials} trials "
              f"(trial 0: the attack's configured knobs) maximising the attack's success with the setting's "
@@ -158,28 +150,44 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
              f"`{stem.name}.json`. SR: attack success rate (targeted); AD: accuracy drop against the benign arm "
              "(untargeted). Each cell: worst (default knobs).", "",
              f"Searched to the budget: {sum(r['trials'] >= n_trials for r in rows)} of {len(rows)} pairs (the "
-             "second table gives each pair's finished trials; a pair at 0 has not been searched yet).", "",
-             "| defense | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|"]
-    for entry in board:
+             "pairs' table gives each pair's finished trials; a pair at 0 has not been searched yet).", ""]
+    for section, table in report_tables(data).items():
+        lines += [f"## {section}", "", table]
+    lines += [f"![worst-case success per defense and attack]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    plot_heatmap(rows, stem.with_suffix(".png"))
+    return stem.with_suffix(".md")
+
+
+def report_tables(data: dict) -> dict[str, str]:
+    """The report's two tables from its JSON, by section: the leaderboard and every pair (the docs site
+    renders the same from the committed JSON)."""
+    rows = data["pairs"]
+
+    def value(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    def knobs(overrides: list[str] | None) -> str:
+        return "configured" if not overrides else ", ".join(f"`{short_knob(o)}`" for o in overrides)
+
+    board = ["| defense | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|"]
+    for entry in data["leaderboard"]:
         cells = []
         for metric in ("SR", "AD"):
             top = entry[metric]
             cells += (["-", "-"] if top is None else
                       [f"{value(top['worst'])} ({value(top['default'])})", f"{top['attack']} ({knobs(top['knobs'])})"])
-        lines.append(f"| {entry['defense']} | " + " | ".join(cells) + " |")
+        board.append(f"| {entry['defense']} | " + " | ".join(cells) + " |")
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    lines += ["", "Every pair, worst (default knobs) and trials finished:", "",
-              "| defense | " + " | ".join(f"{a} {next(r['metric'] for r in rows if r['attack'] == a)}" for a in attacks)
-              + " |", "|---|" + "---|" * len(attacks)]
+    pairs = ["Each cell: worst (default knobs, trials finished).", "",
+             "| defense | " + " | ".join(f"{a} {next(r['metric'] for r in rows if r['attack'] == a)}" for a in attacks)
+             + " |", "|---|" + "---|" * len(attacks)]
     for defense in dict.fromkeys(r["defense"] for r in rows):
         by = {r["attack"]: r for r in rows if r["defense"] == defense}
-        lines.append(f"| {defense} | " + " | ".join(
+        pairs.append(f"| {defense} | " + " | ".join(
             f"{value(by[a]['worst'])} ({value(by[a]['default'])}, {by[a]['trials']})" if a in by else "-"
             for a in attacks) + " |")
-    lines += ["", f"![worst-case success per defense and attack]({stem.name}.png)", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    plot_heatmap(rows, stem.with_suffix(".png"))
-    return stem.with_suffix(".md")
+    return {"leaderboard": "\n".join(board) + "\n", "pairs": "\n".join(pairs) + "\n"}
 
 
 def plot_heatmap(rows: list[dict], path: Path) -> Path:
