@@ -145,10 +145,10 @@ def study_setting(spec: StudySpec, budget: float) -> dict:
     return setting
 
 
-def load_study(spec: StudySpec) -> optuna.Study | None:
-    """The spec's study as its storage holds it, running nothing; None when it was never made."""
+def load_study(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:
+    """The spec's study as ``storage`` (opened once by the caller) holds it, running nothing; None when it
+    was never made."""
     name, budget = validate_spec(spec, spec.cfg)
-    storage = studies.open_storage(spec.storage or STUDY_STORAGE)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:

@@ -102,7 +102,10 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
                               "run without --report-only first")
         if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
             raise nothing  # (opening it would make an empty database)
-        rows = [summarise(spec, load_study(spec)) for spec in specs]
+        from pipeline.experiment.studies import open_storage  # (Optuna loads only when a report is read)
+
+        opened = open_storage(url)  # once for every pair's study
+        rows = [summarise(spec, load_study(spec, opened)) for spec in specs]
         if not any(r["trials"] for r in rows):
             raise nothing
         return write_report(rows, cfg, config, n_trials, command, stem)
