@@ -177,6 +177,25 @@ def test_auror_sweep_runs_a_grid_and_reports_it(tmp_path, monkeypatch, capsys):
     assert all(r["attempts"] == 1 for r in Sweep(f"sqlite:///{tmp_path}/s.db", "frac").rows())
 
 
+def test_sweep_report_only_reads_the_finished_cells_runs_none_and_lists_the_missing(tmp_path, monkeypatch, capsys):
+    """A long sweep's report midway: the cells of a smaller grid, read by the full grid with --report-only."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--arms", "benign", "attack", "--seeds", "0", "--no-track", "--storage", f"sqlite:///{tmp_path}/s.db",
+              "--sweep-name", "frac", *[a for kv in TINY for a in ("--set", kv)],
+              "--set", f"tracking.reports_dir={tmp_path}/reports"]
+    full = ["sweep", "--grid", "users.malicious_fraction=0.2,0.4", *common]
+    assert main([*full, "--report-only"]) == 2  # nothing recorded: refused, nothing run
+    assert "--report-only: no cell of this config is recorded" in capsys.readouterr().err
+    assert main(["sweep", "--grid", "users.malicious_fraction=0.2", *common]) == 0
+    import pipeline.experiment.queue as queue
+    monkeypatch.setattr(queue, "run_cells", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    assert main([*full, "--report-only"]) == 0
+    report = json.loads((tmp_path / "reports" / "frac.json").read_text())
+    assert set(report["results"]["label_flip"]["attack"]) == {"users.malicious_fraction=0.2"}
+    assert [m["arm"] for m in report["missing"]] == ["attack"]  # the 0.4 setting's attack cell (benign is shared)
+    assert "Not recorded yet (1 cell" in (tmp_path / "reports" / "frac.md").read_text()
+
+
 # `auror sweep`, but the process SIGKILLs itself when local training starts for the n-th time: a worker
 # that dies in the middle of a cell, after that cell's checkpoint of the previous round
 KILLED_WORKER = """

@@ -138,7 +138,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = sweep_grid(cfg, args.grid, args.seeds or [cfg.seed], args.arms or list(DEFAULT_ARMS), args.sweep_name,
                       key_code(args))
     grid.check_report("give another --sweep-name")
-    grid.run(args.storage, grid.report.name, track=not args.no_track)
+    if not args.report_only:
+        grid.run(args.storage, grid.report.name, track=not args.no_track)
     print_written(grid.write_report(command_line(args)))
     return 0
 
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                        help="config keys and their values, e.g. users.malicious_fraction=0.1,0.3 defense.auror.tau=0.5,0.8")
     sweep.add_argument("--arms", nargs="+", metavar="ARM", help="the arms of every cell (default: benign attack auror)")
+    sweep.add_argument("--report-only", action="store_true",
+                       help="run nothing: build the report from the finished cells (the missing ones listed)")
     add_sweep_arguments(sweep, "sweep-<dataset>")
     sweep.set_defaults(func=cmd_sweep)
     diagnose = sub.add_parser("diagnose", help="benign, attack and --defenses on one setting: per user, what the "
