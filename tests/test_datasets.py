@@ -102,6 +102,27 @@ def test_fashion_mnist_loads_its_own_files(fashion_mnist_root, mnist_root):
     assert not torch.equal(data.test_x[:100], digits.test_x[:100])
 
 
+@pytest.mark.slow
+def test_fashion_mnist_config_runs_lenet5_end_to_end(fashion_mnist_root, tmp_path, monkeypatch):
+    """configs/fashion_mnist.yaml on the real data, two rounds: LeNet-5's three arms, shirt -> T-shirt."""
+    import json
+
+    from pipeline.experiment.cli import main
+    from pipeline.experiment.config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
+    cfg = load_config(config)
+    assert (cfg.training.model, cfg.attack.source_class, cfg.attack.target_class) == ("lenet5", 6, 0)
+    monkeypatch.setenv("AUROR_DATA_DIR", str(fashion_mnist_root))
+    monkeypatch.chdir(tmp_path)
+    overrides = ["users.num_users=10", "training.rounds=2", "defense.auror.window_rounds=2", "training.device=cpu"]
+    assert main(["run", "--params", str(config), *(a for o in overrides for a in ("--set", o))]) == 0
+    results = json.loads((tmp_path / "reports" / "latest.json").read_text())
+    assert set(results) == {"benign", "attack", "auror"}
+    assert results["benign"]["accuracy"] > 0.6  # LeNet-5 learns Fashion-MNIST in two rounds
+    assert results["attack"]["attack_success_rate"] > results["benign"]["attack_success_rate"]
+
+
 # --- CIFAR-10, on a small archive in its own format -------------------------------------------------------------
 
 def write_cifar10(root: Path, per_batch: int = 12, test: int = 20, seed: int = 0) -> dict:
