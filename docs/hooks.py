@@ -419,17 +419,20 @@ def diagnose_table(name: str, data: dict) -> str:
     return text.split("\n", 2)[2]
 
 
-def headline_table(name: str = "compare_mnist", setting: str = "IID 30%") -> str:
+def headline_table(name: str = "compare_mnist", setting: str = "IID 30%", worst_case: str = "worst_case_mnist") -> str:
     """The README's table: each defense's success of each attack at one setting of a comparison report
     (SR for the targeted attacks and backdoors, AD for the untargeted ones), and its false-positive rate
-    under the paper's label flipping."""
+    under the paper's label flipping. An attack whose every pair ``auror worst-case`` has searched to its
+    budget (``reports/<worst_case>.json``) shows each defense's worst value in parentheses."""
     from pipeline.attacks import REGISTRY as ATTACKS
 
     data = json.loads((REPORTS / f"{name}.json").read_text())
     cfg = _config(data)
     results = data["results"]
     metric = {attack: ATTACKS[attack](getattr(cfg.attack, attack), cfg.attack).success_metric for attack in results}
-    head = [f"{attack} {'AD' if metric[attack] == 'accuracy_drop' else 'SR'}" for attack in results]
+    worst = searched_pairs(worst_case)
+    head = [f"{attack} {'AD' if metric[attack] == 'accuracy_drop' else 'SR'}" + (" (worst)" if attack in worst else "")
+            for attack in results]
     lines = ["| defense | " + " | ".join(head) + " | label_flip FPR |", "|---|" + "---|" * (len(head) + 1)]
     for arm in results["label_flip"]:
         if arm == "benign":
@@ -438,11 +441,26 @@ def headline_table(name: str = "compare_mnist", setting: str = "IID 30%") -> str
         for attack, table in results.items():
             m = table.get(arm, {}).get(setting)
             key = "accuracy_drop" if metric[attack] == "accuracy_drop" else "attack_success_rate"
-            cells.append("" if m is None else _fmt(m[key]))
+            found = worst.get(attack, {}).get(arm)
+            cells.append(("" if m is None else _fmt(m[key])) + ("" if found is None else f" ({_fmt(found)})"))
         fpr = results["label_flip"][arm][setting]["false_positive_rate"]
         label = "none (no defense)" if arm == "attack" else f"`{arm}`"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(fpr)} |")
     return "\n".join(lines) + "\n"
+
+
+def searched_pairs(name: str = "worst_case_mnist") -> dict[str, dict[str, float]]:
+    """``{attack: {defense: worst value}}`` of ``reports/<name>.json`` for the attacks whose every pair is
+    searched to the report's budget of trials (an attack still under way is left out)."""
+    path = REPORTS / f"{name}.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    by_attack: dict[str, list[dict]] = {}
+    for pair in data["pairs"]:
+        by_attack.setdefault(pair["attack"], []).append(pair)
+    return {attack: {p["defense"]: p["worst"] for p in pairs} for attack, pairs in by_attack.items()
+            if all(p["trials"] >= data["n_trials"] for p in pairs)}
 
 
 GOAL_ARMS = ("auror", "auror_guard", "multi_krum")

@@ -269,6 +269,28 @@ def test_the_readme_headline_table_is_the_comparison_report():
     assert hooks.headline_table() in README
 
 
+def test_the_headline_table_shows_the_worst_case_of_an_attack_only_once_every_defense_is_searched(tmp_path,
+                                                                                                 monkeypatch):
+    import json
+
+    pair = {"defense": "auror", "attack": "label_flip", "worst": 0.5, "trials": 10}
+    unfinished = [{**pair, "attack": "backdoor", "worst": 0.9}, {**pair, "defense": "krum", "attack": "backdoor",
+                                                                  "trials": 4}]
+    (tmp_path / "worst.json").write_text(json.dumps({"n_trials": 10, "pairs": [pair, *unfinished]}))
+    monkeypatch.setattr(hooks, "REPORTS", tmp_path)
+    assert hooks.searched_pairs("worst") == {"label_flip": {"auror": 0.5}}
+    assert hooks.searched_pairs("absent") == {}
+    monkeypatch.undo()
+    table = hooks.headline_table()
+    worst = hooks.searched_pairs()
+    for attack, values in worst.items():  # the committed report's: each searched value beside its default
+        head = table.splitlines()[0].split(" | ")
+        column = next(i for i, h in enumerate(head) if h.startswith(f"{attack} ") and h.endswith(" (worst)"))
+        for defense, value in values.items():
+            row = next(line for line in table.splitlines() if line.startswith(f"| `{defense}` |"))
+            assert row.split(" | ")[column].endswith(f"({value:.3f})")
+
+
 def test_the_readme_reads_auror_guard_against_its_goal_from_the_reports():
     table = hooks.goal_table()
     assert table in README
