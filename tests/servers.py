@@ -223,3 +223,15 @@ def mlflow_server(backend_uri: str, folder: Path, env: dict[str, str] | None = N
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+# A worker's heartbeat every 2 s and a takeover after 8 s without one (10 s and 45 s in a real run), set
+# before the queue and the studies import them: a test that kills a worker or its storage waits seconds
+# for the takeover, not most of a minute.
+FAST_HEARTBEAT = ("import sys; import pipeline.experiment.storage as s; s.HEARTBEAT_S, s.GRACE_PERIOD_S = 2, 8; "
+                  "from pipeline.experiment.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def auror_command(args: list[str]) -> list[str]:
+    """``auror <args>`` in a Python process of its own, with :data:`FAST_HEARTBEAT`."""
+    return [sys.executable, "-c", FAST_HEARTBEAT, *args]

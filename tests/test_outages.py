@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.servers import as_server_user, free_port, postgres_bin, postgres_server, psycopg_missing
+from tests.servers import as_server_user, auror_command, free_port, postgres_bin, postgres_server, psycopg_missing
 
 pytestmark = [
     pytest.mark.slow,  # servers stopped and started, commands in their own processes
@@ -24,7 +24,7 @@ SETS = [a for kv in [*TINY, "training.rounds=12"] for a in ("--set", kv)]
 
 
 def auror(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.experiment.cli", *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen(auror_command(args), cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

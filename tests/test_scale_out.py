@@ -25,8 +25,8 @@ from pipeline.core.errors import ConfigError
 from pipeline.experiment.storage import database_url
 from pipeline.experiment.queue import Sweep
 from tests.conftest import TINY
-from tests.servers import (Postgres, free_port, mlflow_auth_missing, mlflow_server, postgres_bin, postgres_server,
-                           psycopg_missing, throwaway_password, without_credentials)
+from tests.servers import (Postgres, auror_command, free_port, mlflow_auth_missing, mlflow_server, postgres_bin,
+                           postgres_server, psycopg_missing, throwaway_password, without_credentials)
 
 pytestmark = [
     pytest.mark.slow,  # servers and worker processes
@@ -71,7 +71,7 @@ def new_database(pg: Postgres, name: str) -> str:
 
 
 def cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.experiment.cli", *args]
+    return auror_command(args)
 
 
 def auror(args: list[str], tmp: Path, log: str) -> subprocess.Popen:
