@@ -165,6 +165,7 @@ def test_a_checkpoint_that_does_not_prove_itself_is_refused(tmp_path):
     refused(Checkpoint(path, "key-a"), "not a checkpoint of this version of auror's loop")
 
 
+@pytest.mark.slow  # a killed process
 def test_a_resume_refuses_a_tampered_checkpoint_before_reopening_any_run(tmp_path, monkeypatch, capsys):
     """`auror run` killed after round 2, its checkpoint's round counter set to the last round and re-saved:
     the resume is refused in one line (exit 2), naming the file, instead of reporting the round-2 model."""
