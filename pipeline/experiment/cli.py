@@ -179,9 +179,16 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, default_name: str) -> N
                         "workers with the same name and cells split them")
     parser.add_argument("--no-track", action="store_true",
                         help="log no MLflow runs (faster; the cells' metrics are still stored)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: build the report from the finished cells (the missing ones listed)")
     parser.add_argument("--key-includes-code", action="store_true",
                         help="key every cell by its config and the code version (git describe): a new commit "
                              "makes new cells (default: the config alone)")
+
+
+def add_study_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
+                        "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
 
 
 def print_registry(registry: dict, note: Callable[[type], str] = lambda cls: "") -> None:
@@ -252,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the defense tuned (--kind defense) or attacked (--kind attack); default auror")
     tune.add_argument("--n-trials", type=int, default=20,
                       help="the study's total of finished trials; re-running continues up to it (default 20)")
-    tune.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
-                      "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
+    add_study_storage(tune)
     tune.add_argument("--study-name", help="resume this study when it exists (default: <kind>-<dataset>)")
     tune.add_argument("--max-malicious-fraction", type=float,
                       help="attack study: at most this fraction of malicious users (default: the configured one)")
@@ -268,8 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the attacks searched (default: every attack with knobs to search)")
     worst.add_argument("--n-trials", type=int, default=10,
                        help="each study's total of finished trials, trial 0 the configured knobs (default 10)")
-    worst.add_argument("--storage", help="Optuna storage: sqlite:///<file> (default sqlite:///mlruns/optuna.db) or "
-                       "postgresql://<user>@<host>:<port>/<db>, shared by workers on many machines")
+    add_study_storage(worst)
     worst.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default worst_case_<dataset>)")
     worst.add_argument("--report-only", action="store_true",
                        help="run nothing: build the report from the trials the storage holds (a search under way "
@@ -290,8 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--attacks", nargs="+", metavar="ATTACK",
                          help="run only these attacks' cells (default: every attack of `auror attacks`; label_flip "
                               "on the four settings, the others on IID 30%% and Dirichlet(0.5) 30%%)")
-    compare.add_argument("--report-only", action="store_true",
-                         help="run nothing: build the report from the finished cells")
     compare.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default compare_<dataset>)")
     add_sweep_arguments(compare, "compare-<dataset>")
     compare.add_argument("--no-report", action="store_true",
@@ -303,8 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                        help="config keys and their values, e.g. users.malicious_fraction=0.1,0.3 defense.auror.tau=0.5,0.8")
     sweep.add_argument("--arms", nargs="+", metavar="ARM", help="the arms of every cell (default: benign attack auror)")
-    sweep.add_argument("--report-only", action="store_true",
-                       help="run nothing: build the report from the finished cells (the missing ones listed)")
     add_sweep_arguments(sweep, "sweep-<dataset>")
     sweep.set_defaults(func=cmd_sweep)
     diagnose = sub.add_parser("diagnose", help="benign, attack and --defenses on one setting: per user, what the "
@@ -341,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         bad_seeds = [s for s in getattr(args, "seeds", None) or [] if not 0 <= s <= MAX_SEED]
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
+        for option in ("seeds", "arms", "attacks", "defenses"):  # a value twice would run twice, or be dropped unsaid
+            values = getattr(args, option, None) or []
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if repeated is not None:
+                raise ConfigError(f"--{option}: {repeated} is given twice")
         if getattr(args, "storage", None) is not None:  # every command refuses a bad URL first, the same way
             database_url(args.storage, "--storage")
         return args.func(args)

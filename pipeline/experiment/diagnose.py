@@ -59,9 +59,6 @@ def run_diagnosis(base: Config, overrides: list[str], seeds: list[int], defenses
     unknown = next((d for d in defenses if d not in ARMS[2:]), None)
     if unknown is not None:
         raise ConfigError(f"--defenses: must be registered defenses ({', '.join(ARMS[2:])}), got {unknown!r}")
-    repeated = next((d for i, d in enumerate(defenses) if d in defenses[:i]), None)
-    if repeated is not None:
-        raise ConfigError(f"--defenses: {repeated} is given twice")
     arms = check_arms(base, ["benign", "attack", *defenses])
     reports = Path(base.tracking.reports_dir)
     config = report_config(base)
