@@ -142,3 +142,20 @@ def test_a_report_written_before_a_plugin_was_registered_is_still_its_config(tmp
                               ("training.rounds=3", "training.rounds was 4, now 3")]:
         with pytest.raises(ConfigError, match=f"holds a report of another config \\({message}\\)"):
             check_report(path, report_config(load_config(None, [*TINY, override])), "elsewhere")
+
+
+def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """The workers of one sweep rewrite its report: each file goes through a temporary file, so a writer that
+    fails midway leaves the previous report, and no temporary file is left beside it."""
+    from pipeline.experiment.store import write_report_file
+
+    path = tmp_path / "r.json"
+    assert write_report_file(path, '{"a": 1}\n').read_text() == '{"a": 1}\n'
+
+    def half_then_fail(f):
+        f.write(b'{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_report_file(path, half_then_fail)
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["r.json"]

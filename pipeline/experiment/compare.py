@@ -32,7 +32,7 @@ from pipeline.experiment.arms import ARMS, build_datamodule
 from pipeline.experiment.config import Config, ConfigError, check_name
 from pipeline.experiment.grid import Cell, Setting, attack_settings, expand, parse_grid
 from pipeline.experiment.storage import SWEEP_STORAGE
-from pipeline.experiment.store import ResultsStore, check_report, report_config
+from pipeline.experiment.store import ResultsStore, check_report, report_config, write_report_file
 from pipeline.lazy import OnFirstUse
 
 # the work queue, MLflow and matplotlib load when cells run or a report is drawn: a refused grid needs none
@@ -182,8 +182,8 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
     reports, name = stem.parent, cfg.data.name
     reports.mkdir(parents=True, exist_ok=True)
     gaps = [{"arm": c.arm, "setting": c.label, "seed": c.seed, "key": c.key} for c in missing]
-    _file(stem, ".json").write_text(json.dumps({"config": config, "results": tables, "missing": gaps},
-                                                    indent=2) + "\n")
+    write_report_file(_file(stem, ".json"), json.dumps({"config": config, "results": tables, "missing": gaps},
+                                                       indent=2) + "\n")
     shown = {attack: [label for label in labels[attack] if any(label in row for row in table.values())]
              for attack, table in tables.items()}
     partial = any(m["seeds"] < len(seeds) for t in tables.values() for row in t.values() for m in row.values())
@@ -215,7 +215,7 @@ def write_compare_report(tables: dict[str, dict], cfg: Config, labels: dict[str,
         lines += [f"No cell of this config is recorded for: {', '.join(absent)}.", ""]
     lines += [f"![defenses x attacks]({png.name})", ""]
     md = _file(stem, ".md")
-    md.write_text("\n".join(lines))
+    write_report_file(md, "\n".join(lines))
     return md
 
 
@@ -292,6 +292,6 @@ def plot_heatmap(tables: dict[str, dict], shown: dict[str, list[str]], path: Pat
                         rotation=40, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title above the first panel
-    fig.savefig(path, dpi=110)
+    write_report_file(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plots.plt.close(fig)
     return path

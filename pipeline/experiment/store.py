@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from pipeline.core.checkpoint import write_atomic
 from pipeline.core.errors import ConfigError
@@ -47,6 +47,13 @@ class ResultsStore:
                             for c in cells if c.arm == arm and c.key in results})
             text = (json.dumps(records, indent=1, sort_keys=True) + "\n").encode()
             write_atomic(self.path(group, arm), lambda f: f.write(text))
+
+
+def write_report_file(path: Path, content: str | Callable[[BinaryIO], Any]) -> Path:
+    """A report's file (text, or what ``content`` writes, a figure) written whole through a temporary file:
+    the workers of one sweep or search rewrite the same report, and a reader never sees half of one."""
+    write_atomic(path, (lambda f: f.write(content.encode())) if isinstance(content, str) else content)
+    return path
 
 
 def report_config(cfg: Config) -> dict:

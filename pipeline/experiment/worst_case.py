@@ -28,7 +28,7 @@ from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.attacks.base import ACCURACY_DROP
 from pipeline.experiment.arms import ARMS
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
-from pipeline.experiment.store import check_report, report_config
+from pipeline.experiment.store import check_report, report_config, write_report_file
 from pipeline.experiment.storage import STUDY_STORAGE
 from pipeline.experiment.tune import StudySpec, load_study, run_study, validate_spec
 
@@ -145,7 +145,7 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
     """``<stem>.json`` (config, budget, every pair, the leaderboard), ``<stem>.md`` and the heatmap ``<stem>.png``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": leaderboard(rows)}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    write_report_file(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     lines = [f"# {cfg.data.name}: each defense against its worst attacker", "",
              f"Produced by `{command}`: per (defense, attack) pair an Optuna study of at most {n_trials} trials "
              f"(trial 0: the attack's configured knobs) maximising the attack's success with the setting's "
@@ -157,7 +157,7 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
     for section, table in report_tables(data).items():
         lines += [f"## {section}", "", table]
     lines += [f"![worst-case success per defense and attack]({stem.name}.png)", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    write_report_file(stem.with_suffix(".md"), "\n".join(lines))
     plot_heatmap(rows, stem.with_suffix(".png"))
     return stem.with_suffix(".md")
 
@@ -221,6 +221,6 @@ def plot_heatmap(rows: list[dict], path: Path) -> Path:
     fig.colorbar(image, ax=ax, label="worst-case success (SR or AD)")
     ax.set_title("each defense against its worst attacker: worst (default knobs)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_report_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
