@@ -8,8 +8,9 @@ import pytest
 
 from pipeline.experiment import studies
 from pipeline.experiment.cli import main
-from pipeline.experiment.config import ConfigError
-from pipeline.experiment.worst_case import run_worst_case, searchable_attacks
+from pipeline.experiment.config import ConfigError, with_overrides
+from pipeline.experiment.tune import StudySpec
+from pipeline.experiment.worst_case import run_worst_case, searchable_attacks, summarise
 
 PAIRS = {"defenses": ["median", "krum"], "attacks": ["ipm", "label_flip"]}
 
@@ -166,3 +167,10 @@ def test_the_tables_give_a_searched_knob_to_three_significant_digits():
     assert short_knob("attack.alie.z=0.00012345") == "attack.alie.z=0.000123"
     assert short_knob("attack.malicious_epochs=4") == "attack.malicious_epochs=4"
     assert short_knob("attack.alie.variant=backdoor") == "attack.alie.variant=backdoor"
+
+
+@pytest.mark.parametrize("variant, metric", [("untargeted", "AD"), ("backdoor", "SR")])
+def test_a_pair_is_scored_by_the_metric_of_its_attack_as_configured(tiny_config, variant, metric):
+    # ALIE's success depends on its variant: an accuracy drop must never be ranked among the SRs
+    cfg = with_overrides(tiny_config, ["attack.name=alie", f"attack.alie.variant={variant}"])
+    assert summarise(StudySpec(cfg, "attack", "krum"), None)["metric"] == metric

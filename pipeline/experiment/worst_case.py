@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.attacks.base import ACCURACY_DROP
-from pipeline.experiment.arms import ARMS
+from pipeline.experiment.arms import ARMS, make_attack
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
 from pipeline.experiment.store import check_report, report_config, write_report_file
 from pipeline.experiment.storage import STUDY_STORAGE
@@ -77,7 +77,7 @@ def summarise(spec: StudySpec, study) -> dict:
     completed = [t for t in finished if t.state.name == "COMPLETE"]
     best = max(completed, key=lambda t: t.value) if completed else None
     return {"defense": spec.defense, "attack": attack, "study": spec.study_name,
-            "metric": "AD" if ATTACKS[attack].success_metric == ACCURACY_DROP else "SR",
+            "metric": "AD" if make_attack(spec.cfg).success_metric == ACCURACY_DROP else "SR",  # ALIE's: by variant
             "default": None if baseline is None else baseline.value,
             "worst": None if best is None else best.value, "worst_trial": None if best is None else best.number,
             "knobs": None if best is None else best.user_attrs.get("overrides", []), "trials": len(finished)}
