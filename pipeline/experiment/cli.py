@@ -13,7 +13,8 @@ from pathlib import Path
 
 from datamodules.data_root import DatasetMissingError
 from pipeline.core.errors import CellsFailed
-from pipeline.experiment.config import MAX_SEED, ConfigError, check_name, check_output_folders, load_config
+from pipeline.experiment.config import (MAX_SEED, ConfigError, check_name, check_output_folders, first_repeat,
+                                       load_config)
 from pipeline.experiment.storage import STUDY_STORAGE, SWEEP_STORAGE, database_url, hide_password, scrub
 
 DEFAULT_PARAMS = "params.yaml"
@@ -343,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad_seeds:
             raise ConfigError(f"--seeds: must be in [0, {MAX_SEED}], got {bad_seeds[0]}")
         for option in ("seeds", "arms", "attacks", "defenses"):  # a value twice would run twice, or be dropped unsaid
-            values = getattr(args, option, None) or []
-            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            repeated = first_repeat(getattr(args, option, None) or [])
             if repeated is not None:
                 raise ConfigError(f"--{option}: {repeated} is given twice")
         if getattr(args, "storage", None) is not None:  # every command refuses a bad URL first, the same way

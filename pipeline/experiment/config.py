@@ -372,6 +372,11 @@ def check_name(option: str, name: str) -> str:
     return name
 
 
+def first_repeat(values: Sequence[Any]) -> Any | None:
+    """The first value of ``values`` given a second time (``None`` if none is)."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
 def without_unkeyed(values: dict[str, Any], cfg: "Config") -> dict[str, Any]:
     """Flat ``values`` of ``cfg`` less each group of keys added after results were recorded
     (:data:`UNKEYED_DEFAULTS`; each plug-in's ``unkeyed_defaults``) while all its keys hold the values

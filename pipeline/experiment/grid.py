@@ -20,7 +20,7 @@ from typing import Sequence
 
 from pipeline.core.errors import ConfigError
 from pipeline.experiment.arms import arm_defense, arm_params, check_arms, make_attack
-from pipeline.experiment.config import Config, config_hash, with_overrides, without_unkeyed
+from pipeline.experiment.config import Config, config_hash, first_repeat, with_overrides, without_unkeyed
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def parse_grid(items: Sequence[str]) -> list[Setting]:
                               "runs each seed and the report averages them)")
         if key in axes:
             raise ConfigError(f"--grid: {key} is given twice; list all its values once, {key}=V1,V2,...")
-        repeated = next((v for i, v in enumerate(parts) if v in parts[:i]), None)
+        repeated = first_repeat(parts)
         if repeated is not None:
             raise ConfigError(f"--grid: {key}={repeated} is given twice")
         axes[key] = parts
