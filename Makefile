@@ -19,11 +19,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/auror run
 
-test: $(STAMP)
-	$(VENV)/bin/pytest
+# the fast tier in one worker per core (pytest-xdist); the slow tier (servers, killed workers, heartbeats) alone
+test: test-fast
+	$(VENV)/bin/pytest -m "slow and not manual"
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not slow and not manual"
+	$(VENV)/bin/pytest -m "not slow and not manual" -n auto
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # the variable: the theme's end-of-life notice
