@@ -153,7 +153,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_the_loop_reuses_freed_memory_instead_of_faulting_pages_in_every_round():
     """A round allocates and frees (100 users, 109,386) tensors, 44 MB each: with glibc's defaults every one
     is a fresh mmap whose pages fault in again (tens of thousands a round); the loop calls
-    keep_freed_memory, and a second run's rounds then fault almost none."""
+    keep_freed_memory, and a second run's rounds then fault a small fraction of that (5 to 2,455 over runs here,
+    from other allocations, against about 62,000)."""
     import subprocess
     import sys
 
@@ -161,5 +162,6 @@ def test_the_loop_reuses_freed_memory_instead_of_faulting_pages_in_every_round()
         done = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
         return int(done.stdout)
 
-    assert faults("default") > 20_000
-    assert faults("kept") < 1_000
+    default = faults("default")
+    assert default > 20_000
+    assert faults("kept") < default / 10
