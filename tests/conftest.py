@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.experiment.config import load_config
 
+
 def pytest_configure(config):
     """Under pytest-xdist (``make test-fast``: ``-n auto``), each worker takes its share of the cores for torch
     and for the commands it starts: every worker's threads on every core would spin against the others'
