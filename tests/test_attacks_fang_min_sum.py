@@ -197,6 +197,21 @@ def test_fang_trim_draws_are_reproducible_and_each_attackers_own():
     assert fang.craft(RoundUpdates(4, own.float(), honest.float(), 10, seed=7)).dtype == torch.float32
 
 
+
+def test_fang_search_picks_the_rule_and_searches_b_only_where_it_acts():
+    """Under the krum attack ``b`` does nothing: a search of it there would repeat the configured attack."""
+    import optuna
+
+    from pipeline.experiment.config import with_overrides
+
+    cfg = load_config(DIGITS)
+    space = REGISTRY["fang"].search_space
+    assert space(optuna.trial.FixedTrial({"attack.fang.target": "krum"}), cfg) == ["attack.fang.target=krum"]
+    chosen = space(optuna.trial.FixedTrial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 3.5}), cfg)
+    assert chosen == ["attack.fang.target=trimmed_mean", "attack.fang.b=3.5"]
+    searched = with_overrides(cfg, ["attack.name=fang", *chosen]).attack.fang
+    assert (searched.target, searched.b) == ("trimmed_mean", 3.5)
+
 # --- parameters and runs --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [

@@ -60,7 +60,8 @@ Omniscient and untargeted: success is the accuracy drop.
 
 Parameters (``attack.fang``): ``target`` (krum | trimmed_mean, the rule attacked, default krum),
 ``b`` (trimmed_mean: the interval's factor, >= 1, default 2, the paper's), ``min_lambda`` (krum: stop
-halving below this, default 1e-5, the paper's threshold).
+halving below this, default 1e-5, the paper's threshold). A search (``auror tune --kind attack``,
+``auror worst-case``) picks ``target``, and ``b`` where it acts.
 """
 
 from __future__ import annotations
@@ -164,8 +165,17 @@ class Fang(Attack):
     omniscient = True
     trains_maliciously = False
     success_metric = ACCURACY_DROP
-    # b shapes the trimmed_mean attack only; the krum attack has no knob worth searching (lambda is solved for)
+    # and target (search_space): b shapes the trimmed_mean attack only; the krum attack's lambda is solved for
     search_ranges = {"attack.fang.b": (1.1, 10.0, True, False)}
+
+    @classmethod
+    def search_space(cls, trial, cfg) -> list[str]:
+        """The rule to attack, then ``b`` where it acts (under ``trimmed_mean``): a search of ``b`` alone under
+        the krum attack would repeat the configured attack in every trial."""
+        target = trial.suggest_categorical("attack.fang.target", list(TARGETS))
+        if target == "krum":
+            return [f"attack.fang.target={target}"]
+        return [f"attack.fang.target={target}", *super().search_space(trial, cfg)]
 
     def craft(self, updates: RoundUpdates) -> torch.Tensor:
         honest, attackers = updates.honest, updates.own.shape[0]
