@@ -2,6 +2,7 @@
 report a view over the results store."""
 
 import json
+import os
 
 import pytest
 
@@ -159,3 +160,22 @@ def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_report_file(path, half_then_fail)
     assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    mode = os.stat(path).st_mode & 0o777  # as a plain open() makes it (the temporary file was owner-only)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+
+
+def test_every_file_the_pipeline_writes_goes_through_the_atomic_writer():
+    """Reports, plots, CSVs, best-params files and a run's latest.json are rewritten by workers and read
+    by DVC: none is written in place (``write_text``, ``open(..., "w")``, ``savefig(path)``); the one
+    exception is the storage's lock file, which holds nothing."""
+    import re
+    from pathlib import Path
+
+    in_place = re.compile(r"\.write_text\(|\.write_bytes\(|savefig\((?!f\b)|(?<!fdopen)\(.*[\"']wb?[\"']\)")
+    root = Path(__file__).resolve().parents[1]
+    found = [f"{path.relative_to(root)}:{i}: {line.strip()}"
+             for folder in ("pipeline", "lightning_modules", "datamodules") for path in sorted((root / folder).rglob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if in_place.search(line)]
+    assert found == ['pipeline/experiment/storage.py:102: with open(db.with_name(db.name + ".lock"), "w") as lock:']

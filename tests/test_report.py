@@ -1,7 +1,7 @@
 import json
 
 from pipeline.experiment.config import load_config
-from pipeline.experiment.report import PAPER, Setting, markdown_table, paper_settings, run_report
+from pipeline.experiment.report import PAPER, PaperSetting, markdown_table, paper_settings, run_report
 from tests.conftest import TINY
 
 
@@ -22,11 +22,11 @@ def test_markdown_table_puts_the_paper_beside_ours():
     arms = {"benign": {"accuracy": 0.9}, "attack": {"attack_success_rate": 0.7, "accuracy_drop": 0.05},
             "auror": {"detection_rate": 1.0, "false_positive_rate": None, "attack_success_rate": 0.01,
                       "accuracy_drop": 0.0}}
-    table = markdown_table([(Setting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)])
+    table = markdown_table([(PaperSetting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)])
     header, _, row = table.splitlines()
     assert header.count("|") == row.count("|")
     assert row == "| 30% | 0.900 | 0.700 | 0.050 | 1.000 | - | 0.010 | 0.000 | 1.000 | 0.690 | 0.050 |"
-    row = markdown_table([(Setting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)], decimals=1)
+    row = markdown_table([(PaperSetting("30%", paper={"DR": 1.0, "SR": 0.69, "AD": 0.05}), arms)], decimals=1)
     assert row.splitlines()[2] == "| 30% | 0.9 | 0.7 | 0.1 | 1.0 | - | 0.0 | 0.0 | 1.0 | 0.7 | 0.1 |"
 
 

@@ -32,6 +32,10 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be read (truncated, from another version); one line, like a config error."""
 
 
+UMASK = os.umask(0o022)  # (read by setting it; set back at once)
+os.umask(UMASK)
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``:
     a process killed at any moment leaves the old file or the new one, never half of one."""
@@ -40,6 +44,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it owner-only: the mode a plain open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # interrupted before the rename

@@ -28,6 +28,7 @@ from pipeline.core.sampling import round_size
 from pipeline.defenses import REGISTRY
 from pipeline.defenses.compose import defense_class, defense_params
 from pipeline.experiment.config import Config, ConfigError
+from pipeline.experiment.store import write_report_file
 from pipeline.lazy import OnFirstUse, torch
 
 if TYPE_CHECKING:
@@ -173,10 +174,7 @@ def prepare_dataset(cfg: Config) -> Path:
     data = build_datamodule(cfg, poison=False)
     info = {"dataset": cfg.data.name, "train_samples": len(data.train_y), "test_samples": len(data.test_y),
             "classes": data.num_classes, "input_shape": list(data.test_x.shape[1:])}
-    path = Path(cfg.tracking.reports_dir) / "data.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info) + "\n")
-    return path
+    return write_report_file(Path(cfg.tracking.reports_dir) / "data.json", json.dumps(info) + "\n")
 
 
 def user_behaviour(cfg: Config, attack: Attack, malicious: torch.Tensor, attacking: bool) -> core_loop.UserBehaviour:

@@ -27,7 +27,7 @@ from pipeline.attacks.base import Attack
 from pipeline.core.metrics import accuracy_drop, defense_detection_rates
 from pipeline.experiment.arms import ARMS, DataCache, check_arms, make_attack, poison_users, run_arm
 from pipeline.experiment.config import Config, ConfigError
-from pipeline.experiment.store import check_report, report_config
+from pipeline.experiment.store import check_report, report_config, write_report_file
 from pipeline.lazy import OnFirstUse, torch
 
 plots = OnFirstUse("pipeline.experiment.plots")  # matplotlib (Agg) when the figure is drawn
@@ -97,11 +97,10 @@ def run_diagnosis(base: Config, overrides: list[str], seeds: list[int], defenses
                         row[key] = det[key]
             seed_out["arms"][arm] = row
         out["seeds"][str(seed)] = seed_out
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"diagnose_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
-    md = reports / f"diagnose_{name}.md"
+    write_report_file(reports / f"diagnose_{name}.json", json.dumps(out, indent=1) + "\n")
     setting = " ".join(o for o in overrides if not o.startswith("tracking."))  # not where it writes
-    md.write_text(diagnosis_markdown(out, [a for a in arms if a in defenses], base, setting))
+    md = write_report_file(reports / f"diagnose_{name}.md",
+                           diagnosis_markdown(out, [a for a in arms if a in defenses], base, setting))
     plot_scores(out, [a for a in arms if a in defenses], base, reports / f"diagnose_{name}.png")
     return md
 
@@ -169,5 +168,5 @@ def plot_scores(out: dict, defenses: list[str], cfg, path: Path) -> None:
         ax.set_title(d)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_report_file(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plots.plt.close(fig)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.experiment.store import write_report_file  # noqa: E402
+
 
 def plot_rounds(histories: dict[str, list[dict]], path: str | Path, title: str = "",
                 detection_rounds: dict[str, int | None] | None = None) -> Path:
@@ -33,8 +35,6 @@ def plot_rounds(histories: dict[str, list[dict]], path: str | Path, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    path = write_report_file(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path

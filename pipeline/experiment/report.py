@@ -5,7 +5,7 @@ malicious fraction, with and without AUROR."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.core.metrics import accuracy_drop  # noqa: E402
 from pipeline.experiment.config import Config, ConfigError  # noqa: E402
-from pipeline.experiment.store import check_report, report_config  # noqa: E402
+from pipeline.experiment.grid import Setting  # noqa: E402
+from pipeline.experiment.store import check_report, report_config, write_report_file  # noqa: E402
 
 PAPER_ARMS = ("benign", "attack", "auror")  # the paper's: M_B, M_P, M_A
 
@@ -30,37 +31,37 @@ PAPER = {
 }
 
 
-@dataclass
-class Setting:
-    label: str
-    overrides: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class PaperSetting(Setting):
+    """A grid setting with the paper's numbers for it, and its place on the plot."""
+
     paper: dict | None = None
     malicious_fraction: float | None = None  # x of the plot, for the plain IID FedAvg rows
 
 
-def paper_settings(cfg: Config) -> list[Setting]:
+def paper_settings(cfg: Config) -> list[PaperSetting]:
     """Malicious users 30/20/10%; for GTSRB the poisoned fractions of Table 6;
     for MNIST DSSGD (theta_u = 0.1) and non-IID (Dirichlet 0.5) at 30%.
     The settings at 30% come first."""
     name = cfg.data.name
     settings = [
-        Setting(f"{f:.0%} malicious users", [f"users.malicious_fraction={f}"],
+        PaperSetting(f"{f:.0%} malicious users", (f"users.malicious_fraction={f}",),
                 PAPER.get((name, "users", f)), malicious_fraction=f)
         for f in ((0.2, 0.1) if name == "gtsrb" else (0.3, 0.2, 0.1))
     ]
     if name == "gtsrb":  # Table 6 first; its 100% row is also the 30%-users point of the plot
         settings[:0] = [
-            Setting(f"30% users, {p:.0%} of their source samples poisoned",
-                    ["users.malicious_fraction=0.3", f"attack.poisoned_fraction={p}"], PAPER[(name, "data", p)],
-                    malicious_fraction=0.3 if p == 1.0 else None)
+            PaperSetting(f"30% users, {p:.0%} of their source samples poisoned",
+                         ("users.malicious_fraction=0.3", f"attack.poisoned_fraction={p}"), PAPER[(name, "data", p)],
+                         malicious_fraction=0.3 if p == 1.0 else None)
             for p in (0.5, 0.7, 0.9, 1.0)
         ]
     if name == "mnist":  # after the 30% row: the issue's must-show settings come first
         settings[1:1] = [
-            Setting("30% users, DSSGD theta_u = 0.1", ["users.malicious_fraction=0.3", "protocol.theta_u=0.1"],
-                    PAPER[(name, "users", 0.3)]),
-            Setting("30% users, non-IID Dirichlet(0.5)",
-                    ["users.malicious_fraction=0.3", "users.partition=dirichlet", "users.dirichlet_alpha=0.5"]),
+            PaperSetting("30% users, DSSGD theta_u = 0.1", ("users.malicious_fraction=0.3", "protocol.theta_u=0.1"),
+                         PAPER[(name, "users", 0.3)]),
+            PaperSetting("30% users, non-IID Dirichlet(0.5)",
+                         ("users.malicious_fraction=0.3", "users.partition=dirichlet", "users.dirichlet_alpha=0.5")),
         ]
     return settings
 
@@ -80,7 +81,7 @@ def _cell(value: float | None, decimals: int) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
 
-def markdown_table(rows: list[tuple[Setting, dict]], decimals: int = 3) -> str:
+def markdown_table(rows: list[tuple[PaperSetting, dict]], decimals: int = 3) -> str:
     """One row per setting: our metrics, then the paper's DR / SR / AD."""
     head = ["setting", *(c[0] for c in COLUMNS), "paper DR", "paper SR", "paper AD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -91,7 +92,7 @@ def markdown_table(rows: list[tuple[Setting, dict]], decimals: int = 3) -> str:
     return "\n".join(lines)
 
 
-def plot_sr(rows: list[tuple[Setting, dict]], path: Path, title: str) -> Path:
+def plot_sr(rows: list[tuple[PaperSetting, dict]], path: Path, title: str) -> Path:
     points = sorted((s.malicious_fraction, r) for s, r in rows if s.malicious_fraction is not None)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     # AUROR's curve often lies on the no-attack one: distinct markers and dashes keep both visible
@@ -107,8 +108,7 @@ def plot_sr(rows: list[tuple[Setting, dict]], path: Path, title: str) -> Path:
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_report_file(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
 
@@ -120,7 +120,7 @@ def with_accuracy_drops(results: dict[str, dict]) -> dict[str, dict]:
     return results
 
 
-def collect_results(setting: Setting, root: Path) -> dict | None:
+def collect_results(setting: PaperSetting, root: Path) -> dict | None:
     """One setting's arms from the DVC stages' outputs under ``root``: ``benign/latest.json``
     and ``f<malicious fraction>/{attack,auror}/latest.json``; ``None`` when the pipeline has none."""
     if setting.malicious_fraction is None:
@@ -150,10 +150,9 @@ def run_report(base: Config, seeds: list[int] | None, command: str, from_dir: st
                               f"f<fraction>/{{attack,auror}}/latest.json); nothing written")
         return write_report(rows, base, command, seeds)
     from pipeline.experiment.compare import Grid, summarise
-    from pipeline.experiment.grid import Setting as Column
 
     seeds = seeds or [base.seed]
-    grid = Grid(base, {"paper": [Column(s.label, tuple(s.overrides)) for s in settings]}, seeds, list(PAPER_ARMS),
+    grid = Grid(base, {"paper": settings}, seeds, list(PAPER_ARMS),
                 reports / name, reports / name)
     grid.check_report("set tracking.reports_dir to write it elsewhere")
     grid.run(None, f"report-{name}", track=True)
@@ -161,16 +160,16 @@ def run_report(base: Config, seeds: list[int] | None, command: str, from_dir: st
     return write_report([(s, {arm: table[arm][s.label] for arm in PAPER_ARMS}) for s in settings], base, command, seeds)
 
 
-def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, seeds: list[int] | None) -> Path:
+def write_report(rows: list[tuple[PaperSetting, dict]], base: Config, command: str, seeds: list[int] | None) -> Path:
     """``<reports_dir>/<dataset>.md``, ``.json`` and ``_sr.png`` for the rows so far."""
     reports = Path(base.tracking.reports_dir)
     name = base.data.name
     plot = plot_sr(rows, reports / f"{name}_sr.png", f"{name}: attack success, {base.users.num_users} users")
-    (reports / f"{name}.json").write_text(json.dumps({"config": report_config(base),
-                                                      "results": {s.label: r for s, r in rows}}, indent=2) + "\n")
+    write_report_file(reports / f"{name}.json", json.dumps({"config": report_config(base),
+                                                            "results": {s.label: r for s, r in rows}}, indent=2) + "\n")
     seeds_text = ", ".join(map(str, seeds or [base.seed]))
-    md = reports / f"{name}.md"
-    md.write_text(
+    return write_report_file(
+        reports / f"{name}.md",
         f"# {name}: AUROR against targeted poisoning ({base.attack.source_class} -> {base.attack.target_class})\n\n"
         f"Produced by `{command}` (seeds {seeds_text}; mean over seeds; config {report_config(base)['hash']}, every "
         f"value in `{name}.json`).\n\n"
@@ -180,4 +179,3 @@ def write_report(rows: list[tuple[Setting, dict]], base: Config, command: str, s
         "defense: both are shown.\n\n"
         f"![attack success against the malicious fraction]({plot.name})\n"
     )
-    return md

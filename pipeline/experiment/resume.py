@@ -99,7 +99,8 @@ class Invocation:
                 return cls.read(folder, cfg)
         folder.mkdir(parents=True, exist_ok=cell is not None)
         resume_id = folder.name
-        (folder / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+        write_atomic(folder / "params.yaml", lambda f: f.write(text))
         record = {"version": VERSION, "id": resume_id, "cwd": str(Path.cwd()), "seeds": list(seeds),
                   "arms": list(arms), "runs": {}, "finished": {}, **({"cell": cell} if cell else {})}
         invocation = cls(folder, record, cfg)

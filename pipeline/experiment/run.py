@@ -5,7 +5,6 @@ checkpointed after every round (:mod:`pipeline.experiment.resume`); the cells of
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import logging
@@ -22,6 +21,7 @@ from pipeline.core.metrics import accuracy_drop
 from pipeline.experiment.arms import (DEFAULT_ARMS, METRICS, ArmResult, DataCache, arm_defense, arm_params,
                                       check_arms, make_attack, poison_users, run_arm)
 from pipeline.experiment.config import Config
+from pipeline.experiment.store import write_csv, write_report_file
 from pipeline.experiment.plots import plot_rounds
 from pipeline.experiment.resume import Invocation, RunInterrupted, arm_run
 from pipeline.experiment.tracking import MlflowRoundLogger, ProgressLogger, run_name, setup_mlflow
@@ -76,19 +76,9 @@ def run_experiment(cfg: Config, seeds: list[int] | None = None, track: bool = Tr
         raise
     final = average(per_seed)
     reports = Path(cfg.tracking.reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "latest.json").write_text(json.dumps(final, indent=2) + "\n")
-    write_csv(rounds, reports / "rounds.csv")
+    write_report_file(reports / "latest.json", json.dumps(final, indent=2) + "\n")
+    write_csv(rounds, reports / "rounds.csv")  # (DVC plots read it)
     return final
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Rows with the same keys as a CSV file with a header (DVC plots read it)."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def average(per_seed: list[dict[str, dict[str, float | None]]]) -> dict[str, dict[str, float | None]]:

@@ -8,6 +8,8 @@ numbers; label and seed are there for people reading the file.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
@@ -54,6 +56,15 @@ def write_report_file(path: Path, content: str | Callable[[BinaryIO], Any]) -> P
     the workers of one sweep or search rewrite the same report, and a reader never sees half of one."""
     write_atomic(path, (lambda f: f.write(content.encode())) if isinstance(content, str) else content)
     return path
+
+
+def write_csv(rows: list[dict], path: Path, fieldnames: list[str] | None = None) -> Path:
+    """Rows as a CSV file with a header (``fieldnames``, default the first row's keys), written whole."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fieldnames or (list(rows[0]) if rows else []))
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_report_file(path, text.getvalue())
 
 
 def report_config(cfg: Config) -> dict:

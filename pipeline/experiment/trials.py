@@ -3,7 +3,6 @@ and every trial as a CSV with a slice plot."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from pipeline.experiment.arms import METRICS  # noqa: E402
 from pipeline.experiment.config import Config, with_overrides  # noqa: E402
+from pipeline.experiment.store import write_csv, write_report_file  # noqa: E402
 from pipeline.experiment.studies import FINISHED  # noqa: E402
 
 log = logging.getLogger("auror")
@@ -60,8 +60,8 @@ def write_best_params(study: optuna.Study, base: Config, kind: str, name: str) -
     metrics = best.user_attrs.get("metrics", {})
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
     path = Path(base.tracking.reports_dir) / f"best_{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    write_report_file(
+        path,
         f"# Best trial {best.number} of the Optuna study {name} ({kind}): objective {best.value:.4f}\n"
         f"# auror arm: {shown}\n"
         f"# Run it: auror run --params {path}\n"
@@ -80,12 +80,8 @@ def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
     rows = [{"trial": t.number, "state": t.state.name, "objective": t.value,
              "setting": "configured" if t.user_attrs.get("baseline") else "searched", **t.params,
              **{m: t.user_attrs.get("metrics", {}).get(m) for m in METRICS}} for t in trials]
-    path = Path(reports_dir) / f"trials_{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["trial", "state", "objective", "setting", *params, *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_csv(rows, Path(reports_dir) / f"trials_{name}.csv",
+                     ["trial", "state", "objective", "setting", *params, *METRICS])
     if params:  # a study of its first trial only searched nothing yet
         plot_trials(trials, params, path.with_suffix(".png"), name)
     return path
@@ -105,6 +101,6 @@ def plot_trials(trials: list, params: list[str], path: Path, title: str) -> Path
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title}: {len(trials)} trials", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_report_file(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
