@@ -201,3 +201,30 @@ def test_the_first_trial_of_an_attack_study_is_the_configured_attack(tmp_path, a
     assert trial.params == {} and trial.user_attrs["overrides"] == []
     run = next(r for r in study_runs(tmp_path) if r.data.tags.get("optuna_trial") == "0")
     assert float(run.data.params[key]) == configured
+
+
+def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_running_it(tmp_path, monkeypatch):
+    """Fang's search may pick ``target: krum``, the configured rule: the config of trial 0, whose run is
+    deterministic. Its value is trial 0's, and the arm is not trained again."""
+    import optuna
+
+    from pipeline.experiment import tune
+
+    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True)
+    study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
+    study.enqueue_trial({}, user_attrs={"baseline": True})
+    study.enqueue_trial({"attack.fang.target": "krum"})
+    study.enqueue_trial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 3.0})
+    trained, real = [], tune.run_arm
+
+    def counted(cfg, arm, *args, **kwargs):
+        trained.append((arm, cfg.attack.fang.target))
+        return real(cfg, arm, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "run_arm", counted)
+    trials = run_study(spec).study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trained == [("benign", "krum"), ("median", "krum"), ("median", "trimmed_mean")]
+    assert trials[1].user_attrs["same_as"] == 0 and "same_as" not in trials[2].user_attrs
+    assert trials[1].value == trials[0].value and trials[1].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
+    assert [r.data.tags["optuna_trial"] for r in study_runs(tmp_path) if "optuna_trial" in r.data.tags] == ["2", "0"]

@@ -70,6 +70,14 @@ def write_best_params(study: optuna.Study, base: Config, kind: str, name: str) -
     return path
 
 
+def setting_of(trial: optuna.trial.FrozenTrial) -> str:
+    """``configured`` (the first trial), ``searched``, or ``searched: trial N's config`` (not run again)."""
+    if trial.user_attrs.get("baseline"):
+        return "configured"
+    same = trial.user_attrs.get("same_as")
+    return "searched" if same is None else f"searched: trial {same}'s config"
+
+
 def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
     """Every finished trial of the study as ``<reports_dir>/trials_<name>.csv``: number, state, objective,
     whether it ran the configured setting (the first trial, no parameter searched) or searched ones, the
@@ -78,7 +86,7 @@ def write_trials(study: optuna.Study, name: str, reports_dir: str) -> Path:
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     params = list(dict.fromkeys(k for t in trials for k in t.params))
     rows = [{"trial": t.number, "state": t.state.name, "objective": t.value,
-             "setting": "configured" if t.user_attrs.get("baseline") else "searched", **t.params,
+             "setting": setting_of(t), **t.params,
              **{m: t.user_attrs.get("metrics", {}).get(m) for m in METRICS}} for t in trials]
     path = write_csv(rows, Path(reports_dir) / f"trials_{name}.csv",
                      ["trial", "state", "objective", "setting", *params, *METRICS])

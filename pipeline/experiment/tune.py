@@ -25,7 +25,9 @@ Two kinds of study, both maximised, every trial one run of the defense's arm
 
 The first trial of a new study is the configured setting itself (a baseline): it searches no
 parameter and runs the config as given (``attack.alie.z: 0`` is z_max, not the range's low end);
-the trials CSV marks it ``configured``.
+the trials CSV marks it ``configured``. A trial whose choices give the config of a complete trial (Fang's
+search choosing ``target: krum``, the configured rule) takes that trial's value and metrics without
+running (a run is a function of its config and seed); the CSV says whose.
 Every round reports its value (the same formula on that round's model and
 flags) to a median pruner, which stops a trial worse than the median of
 earlier trials at the same round, once detection can have happened.
@@ -226,6 +228,13 @@ def benign_accuracy(study: optuna.Study, cfg: Config, data: DataCache, store: Pa
     return study.user_attrs["benign_accuracy"]
 
 
+def same_config_trial(study: optuna.Study, spec: StudySpec, key: str) -> optuna.trial.FrozenTrial | None:
+    """A complete trial of ``study`` that ran the config whose cell key is ``key`` (None if none did)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in done if "metrics" in t.user_attrs and
+                 cell_key(with_overrides(spec.cfg, t.user_attrs["overrides"]), spec.defense) == key), None)
+
+
 def make_objective(spec: StudySpec, name: str, budget: float, benign: float, experiment_id: str,
                    started: list[int], data: DataCache):
     def objective(trial: optuna.Trial) -> float:
@@ -238,6 +247,12 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
             spec.kind, spec.defense, trial, spec.cfg, None if spec.fixed_attackers else budget)
         trial.set_user_attr("overrides", overrides)
         cfg = with_overrides(spec.cfg, overrides)
+        same = same_config_trial(trial.study, spec, cell_key(cfg, spec.defense))
+        if same is not None:  # a run is a function of its config and seed (a choice that changes nothing, say)
+            log.info("trial %d: the config of trial %d; its value, not run again", trial.number, same.number)
+            trial.set_user_attr("metrics", same.user_attrs["metrics"])
+            trial.set_user_attr("same_as", same.number)
+            return same.value
         tags = {**tracking.run_tags(cfg, spec.defense), "optuna_study": name, "optuna_trial": str(trial.number),
                 "kind": f"tune-{spec.kind}"}
         with child_run(experiment_id, f"{name}-trial{trial.number}", tags) as run:
