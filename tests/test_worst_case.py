@@ -155,9 +155,33 @@ def test_report_only_refuses_a_storage_without_the_studies_and_a_study_of_anothe
         run_worst_case(tiny_config, ["median"], ["ipm"], 1, storage, None, "test", report_only=True)
     assert not (tmp_path / "reports" / "worst_case_digits.json").exists()
     run(tiny_config, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+    (tmp_path / "reports" / "worst_case_digits.json").unlink()  # (else the report's own check refuses first)
     other = dataclasses.replace(tiny_config, seed=1)
-    with pytest.raises(ConfigError, match="the study was made with another setting"):
-        run_worst_case(other, ["median"], ["ipm"], 1, storage, "other", "test", report_only=True)
+    with pytest.raises(ConfigError, match="study worst-ipm-median-digits: made with another setting "
+                                          r"\(config.seed was 0, now 1\); give --name NAME"):
+        run_worst_case(other, ["median"], ["ipm"], 1, storage, None, "test", report_only=True)
+
+
+def test_another_setting_is_searched_in_studies_of_its_own_named_by_the_search(tiny_config, tmp_path, monkeypatch):
+    """Dirichlet(0.5) after IID: under the IID search's name it is refused before any training; under a
+    name of its own (``--name worst_case_digits_dirichlet``) its studies are ``worst-<attack>-<defense>-
+    digits_dirichlet``, beside the IID ones."""
+    from pipeline.experiment import tune
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    run(tiny_config, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+    (tmp_path / "reports" / "worst_case_digits.json").unlink()
+    dirichlet = with_overrides(tiny_config, ["users.partition=dirichlet"])
+    trained, real = [], tune.run_arm
+    monkeypatch.setattr(tune, "run_arm", lambda cfg, arm, *a, **k: trained.append(arm) or real(cfg, arm, *a, **k))
+    with pytest.raises(ConfigError, match="study worst-ipm-median-digits: made with another setting "
+                                          r"\(config.users.partition was 'iid', now 'dirichlet'\)"):
+        run_worst_case(dirichlet, ["krum", "median"], ["ipm"], 1, storage, None, "test")
+    assert trained == []  # krum's new study comes first: refused before it ran
+    md = run_worst_case(dirichlet, ["krum", "median"], ["ipm"], 1, storage, "worst_case_digits_dirichlet", "test")
+    report = json.loads(md.with_suffix(".json").read_text())
+    assert [r["study"] for r in report["pairs"]] == ["worst-ipm-krum-digits_dirichlet", "worst-ipm-median-digits_dirichlet"]
+    assert md.name == "worst_case_digits_dirichlet.md" and trained.count("krum") == trained.count("median") == 1
 
 
 def test_the_tables_give_a_searched_knob_to_three_significant_digits():

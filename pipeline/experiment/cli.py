@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     worst.add_argument("--n-trials", type=int, default=10,
                        help="each study's total of finished trials, trial 0 the configured knobs (default 10)")
     add_study_storage(worst)
-    worst.add_argument("--name", help="the report's name: <NAME>.md/.json/.png (default worst_case_<dataset>)")
+    worst.add_argument("--name", help="the search's name (default worst_case_<dataset>): its report <NAME>.md/.json/"
+                       ".png and its studies worst-<attack>-<defense>-<NAME without worst_case_>; another setting "
+                       "(--set users.partition=dirichlet) needs a name of its own")
     worst.add_argument("--report-only", action="store_true",
                        help="run nothing: build the report from the trials the storage holds (a search under way "
                             "or stopped: each pair's finished trials are stated)")

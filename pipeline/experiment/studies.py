@@ -91,12 +91,12 @@ def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
-def check_setting(study: optuna.Study, name: str, setting: dict) -> None:
-    """A study is continued, or read, under the setting it was made with only."""
+def check_setting(study: optuna.Study, name: str, setting: dict, elsewhere: str = "pick a new --study-name") -> None:
+    """A study is continued, or read, under the setting it was made with only (else: go ``elsewhere``)."""
     stored = study.user_attrs.get("setting")
     if stored is not None and stored != setting:
-        raise ConfigError(f"--study-name {name}: the study was made with another setting "
-                          f"({first_difference(stored, setting)}); pick a new --study-name")
+        raise ConfigError(f"study {name}: made with another setting ({first_difference(stored, setting)}); "
+                          f"{elsewhere}")
 
 
 def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, seed: int) -> optuna.Study:

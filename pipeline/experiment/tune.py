@@ -147,15 +147,16 @@ def study_setting(spec: StudySpec, budget: float) -> dict:
     return setting
 
 
-def load_study(spec: StudySpec, storage: optuna.storages.RDBStorage) -> optuna.Study | None:
+def load_study(spec: StudySpec, storage: optuna.storages.RDBStorage, elsewhere: str = "pick a new --study-name"
+               ) -> optuna.Study | None:
     """The spec's study as ``storage`` (opened once by the caller) holds it, running nothing; None when it
-    was never made."""
+    was never made. One of another setting is refused, saying how to go ``elsewhere``."""
     name, budget = validate_spec(spec, spec.cfg)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return None
-    studies.check_setting(study, name, study_setting(spec, budget))
+    studies.check_setting(study, name, study_setting(spec, budget), elsewhere)
     return study
 
 

@@ -9,7 +9,12 @@ hopeless trials (:mod:`pipeline.experiment.tune`). The studies live in the Optun
 run the same command with the same ``--storage`` split every study's trials, and running it again
 continues each study to ``--n-trials`` (a finished study runs nothing) and rewrites the report.
 
-The report, ``<reports_dir>/<name>.md/.json/.png`` (default name ``worst_case_<dataset>``): per defense,
+A search has a name (``--name``, default ``worst_case_<dataset>``); its studies are
+``worst-<attack>-<defense>-<name without worst_case_>``, so another setting of the same config file
+(``--set users.partition=dirichlet``) is searched under a name of its own; a study made under another
+setting is refused before any trial runs.
+
+The report, ``<reports_dir>/<name>.md/.json/.png``: per defense,
 its worst targeted SR and worst accuracy drop over the attacks, the attack and knobs that reached
 them, beside that attack's default-knob value; every pair's default and worst value; a heatmap.
 Each study's trials are in ``<reports_dir>/worst_case/<dataset>/trials_<study>.csv``; the benign arm, whose
@@ -41,8 +46,10 @@ def searchable_attacks() -> list[str]:
 
 
 def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_trials: int,
-         storage: str | None) -> list[StudySpec]:
-    """One study per (defense, attack) pair, every one validated before any runs."""
+         storage: str | None, name: str) -> list[StudySpec]:
+    """One study per (defense, attack) pair, every one validated before any runs; the studies of the search
+    ``name`` are ``worst-<attack>-<defense>-<name less its worst_case_ prefix>`` (``-mnist`` by default)."""
+    suffix = name.removeprefix("worst_case_")
     defenses = defenses or list(ARMS[2:])
     attacks = attacks or searchable_attacks()
     for name in attacks:
@@ -60,7 +67,7 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
         attacked = with_overrides(base, [f"attack.name={attack}"])
         for defense in dict.fromkeys(defenses):
             spec = StudySpec(attacked, "attack", defense, n_trials, storage,
-                             f"worst-{attack}-{defense}-{cfg.data.name}", fixed_attackers=True,
+                             f"worst-{attack}-{defense}-{suffix}", fixed_attackers=True,
                              benign_store=Path(base.tracking.reports_dir) / "cells")
             validate_spec(spec, attacked)
             specs.append(spec)
@@ -95,21 +102,23 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
     stem = Path(cfg.tracking.reports_dir) / name
     config = report_config(cfg)
     check_report(stem.with_suffix(".json"), config, "give --name NAME to write this report as NAME.md beside it")
-    specs = plan(cfg, defenses, attacks, n_trials, storage)
-    if report_only:
-        url = storage or STUDY_STORAGE
-        nothing = ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
-                              "run without --report-only first")
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-            raise nothing  # (opening it would make an empty database)
+    specs = plan(cfg, defenses, attacks, n_trials, storage, name)
+    url = storage or STUDY_STORAGE
+    made = not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
+    if report_only and not made:  # (opening it would make an empty database)
+        raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; run without --report-only first")
+    rows = [summarise(spec, None) for spec in specs]
+    if made:  # every study the storage holds, read once: one made under another setting is refused before any work
         from pipeline.experiment.studies import open_storage  # (Optuna loads only when a report is read)
 
-        opened = open_storage(url)  # once for every pair's study
-        rows = [summarise(spec, load_study(spec, opened)) for spec in specs]
+        opened = open_storage(url)
+        rows = [summarise(spec, load_study(spec, opened, "give --name NAME to search this setting in studies of "
+                                                        "their own")) for spec in specs]
+    if report_only:
         if not any(r["trials"] for r in rows):
-            raise nothing
+            raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
+                              "run without --report-only first")
         return write_report(rows, cfg, config, n_trials, command, stem)
-    rows = [summarise(spec, None) for spec in specs]
     for i, spec in enumerate(specs):  # the report after each study: an interrupted search leaves its progress
         log.info("== study %d/%d: %s against %s (%s)", i + 1, len(specs), spec.cfg.attack.name, spec.defense,
                  spec.study_name)
