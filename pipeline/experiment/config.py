@@ -27,7 +27,7 @@ from pipeline.core.sampling import PARTICIPATIONS, round_size
 from pipeline.core.server_optimizer import SERVER_OPTIMIZERS, ServerConfig
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
-from pipeline.defenses.base import check_finite_fields
+from pipeline.defenses.base import check, check_finite_fields
 
 
 @dataclass
@@ -225,97 +225,92 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _check(ok: bool, key: str, message: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}, got {value!r}")
-
-
 def validate(cfg: Config) -> Config:
     """Check every value; raise :class:`ConfigError` naming the first bad key."""
-    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}]", cfg.seed)
+    check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}]", cfg.seed)
     d, u, a, df, t = cfg.data, cfg.users, cfg.attack, cfg.defense, cfg.training
-    _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}", d.name)
-    _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
-    _check(bool(d.root.strip()), "data.root", "must not be empty", d.root)
-    _check(u.num_users >= 2, "users.num_users", "must be >= 2", u.num_users)
-    _check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
+    check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}", d.name)
+    check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
+    check(bool(d.root.strip()), "data.root", "must not be empty", d.root)
+    check(u.num_users >= 2, "users.num_users", "must be >= 2", u.num_users)
+    check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
            "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
-    _check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
-    _check(_positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
-    _check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
-    _check(_positive(u.per_round) and (u.per_round <= 1 or (u.per_round.is_integer() and u.per_round <= u.num_users)),
+    check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
+    check(_positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
+    check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
+    check(_positive(u.per_round) and (u.per_round <= 1 or (u.per_round.is_integer() and u.per_round <= u.num_users)),
            "users.per_round", f"must be a fraction in (0, 1] or a whole count of at most users.num_users={u.num_users}",
            u.per_round)
-    _check(round_size(u.per_round, u.num_users) >= 2, "users.per_round",
+    check(round_size(u.per_round, u.num_users) >= 2, "users.per_round",
            f"must give at least 2 users per round (of users.num_users={u.num_users})", u.per_round)
     num_classes = DATASETS[d.name]
     for key in ("source_class", "target_class"):
         value = getattr(a, key)
-        _check(0 <= value < num_classes, f"attack.{key}", f"must be a class of {d.name} (0..{num_classes - 1})", value)
-    _check(a.name in ATTACKS, "attack.name", f"must be one of {', '.join(ATTACKS)}", a.name)
-    _check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
-    _check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
-    _check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
-    _check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
+        check(0 <= value < num_classes, f"attack.{key}", f"must be a class of {d.name} (0..{num_classes - 1})", value)
+    check(a.name in ATTACKS, "attack.name", f"must be one of {', '.join(ATTACKS)}", a.name)
+    check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
+    check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
+    check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
+    check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
            a.malicious_lr_multiplier)
-    _check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
-    _check(a.participation in PARTICIPATIONS, "attack.participation", f"must be one of {', '.join(PARTICIPATIONS)}",
+    check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
+    check(a.participation in PARTICIPATIONS, "attack.participation", f"must be one of {', '.join(PARTICIPATIONS)}",
            a.participation)
     for name in ATTACKS:
         getattr(a, name).validate(f"attack.{name}")
         check_finite_fields(getattr(a, name), f"attack.{name}")
     ATTACKS[a.name].check_config(getattr(a, a.name), cfg, f"attack.{a.name}")
-    _check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
-    _check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
-    _check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
-    _check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
-    _check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
+    check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
+    check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
+    check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
+    check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
+    check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
            "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
-    _check(t.model in MODELS, "training.model", f"must be one of {', '.join(MODELS)}", t.model)
+    check(t.model in MODELS, "training.model", f"must be one of {', '.join(MODELS)}", t.model)
     if t.model in MODEL_IMAGES:
         fits = [name for name, shape in DATASET_IMAGES.items() if shape == MODEL_IMAGES[t.model]]
-        _check(cfg.data.name in fits, "training.model", f"{t.model} takes {'x'.join(map(str, MODEL_IMAGES[t.model]))} "
+        check(cfg.data.name in fits, "training.model", f"{t.model} takes {'x'.join(map(str, MODEL_IMAGES[t.model]))} "
                f"images ({', '.join(fits)}), not data.name={cfg.data.name}'s", t.model)
     check_device_name(t.device, "training.device")
-    _check(t.algorithm in ALGORITHMS, "training.algorithm", f"must be one of {', '.join(ALGORITHMS)}", t.algorithm)
-    _check(t.algorithm == "fedavg" or t.local_epochs == 1, "training.local_epochs",
+    check(t.algorithm in ALGORITHMS, "training.algorithm", f"must be one of {', '.join(ALGORITHMS)}", t.algorithm)
+    check(t.algorithm == "fedavg" or t.local_epochs == 1, "training.local_epochs",
            "must be 1 under training.algorithm=fedsgd (one local step per round)", t.local_epochs)
-    _check(t.eval_every >= 1, "training.eval_every", "must be >= 1", t.eval_every)
+    check(t.eval_every >= 1, "training.eval_every", "must be >= 1", t.eval_every)
     sv = cfg.server
-    _check(sv.optimizer in SERVER_OPTIMIZERS, "server.optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}",
+    check(sv.optimizer in SERVER_OPTIMIZERS, "server.optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}",
            sv.optimizer)
-    _check(_positive(sv.lr), "server.lr", "must be a finite number > 0", sv.lr)
+    check(_positive(sv.lr), "server.lr", "must be a finite number > 0", sv.lr)
     for key in ("beta1", "beta2"):
-        _check(0 <= getattr(sv, key) < 1, f"server.{key}", "must be in [0, 1)", getattr(sv, key))
-    _check(_positive(sv.tau), "server.tau", "must be a finite number > 0", sv.tau)
+        check(0 <= getattr(sv, key) < 1, f"server.{key}", "must be in [0, 1)", getattr(sv, key))
+    check(_positive(sv.tau), "server.tau", "must be a finite number > 0", sv.tau)
     for name in REGISTRY:
         getattr(df, name).validate(f"defense.{name}")
         check_finite_fields(getattr(df, name), f"defense.{name}")
     p = cfg.protocol
     for key in ("theta_d", "theta_u"):
-        _check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
-    _check(p.upload_selection in UPLOAD_SELECTIONS, "protocol.upload_selection",
+        check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
+    check(p.upload_selection in UPLOAD_SELECTIONS, "protocol.upload_selection",
            f"must be one of {', '.join(UPLOAD_SELECTIONS)}", p.upload_selection)
-    _check(p.gamma > 0, "protocol.gamma", "must be > 0 (.inf: no clipping)", p.gamma)
-    _check(p.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", p.epsilon)
-    _check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
+    check(p.gamma > 0, "protocol.gamma", "must be > 0 (.inf: no clipping)", p.gamma)
+    check(p.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", p.epsilon)
+    check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
            "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", p.gamma)
     _validate_faults(cfg)
-    _check(0 <= cfg.report.decimals <= 6, "report.decimals", "must be in [0, 6]", cfg.report.decimals)
+    check(0 <= cfg.report.decimals <= 6, "report.decimals", "must be in [0, 6]", cfg.report.decimals)
     tr = cfg.tracking
-    _check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
-    _check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",
+    check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
+    check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",
            "must be a URI with a scheme, e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
     scheme = tr.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2: postgresql
     if scheme == "file":  # MLflow's file store refuses new runs unless told (its maintenance mode)
-        _check(os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true", "tracking.tracking_uri",
+        check(os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true", "tracking.tracking_uri",
                "MLflow's file store takes new runs only with MLFLOW_ALLOW_FILE_STORE=true set; use "
                "sqlite:///<file> (the default: sqlite:///mlruns/mlflow.db)", tr.tracking_uri)
-    _check(scheme in TRACKING_SCHEMES, "tracking.tracking_uri",
+    check(scheme in TRACKING_SCHEMES, "tracking.tracking_uri",
            f"must name one of MLflow's stores ({', '.join(f'{s}:' for s in TRACKING_SCHEMES)}), "
            "e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
     for key in ("artifact_dir", "reports_dir"):
-        _check(bool(getattr(tr, key).strip()), f"tracking.{key}", "must not be empty", getattr(tr, key))
+        check(bool(getattr(tr, key).strip()), f"tracking.{key}", "must not be empty", getattr(tr, key))
     return cfg
 
 
@@ -327,16 +322,16 @@ def _validate_faults(cfg: Config) -> None:
     kind_of: dict[int, str] = {}
     for kind in FAULT_KINDS:
         ids = getattr(f, kind)
-        _check(all(0 <= i < num_users for i in ids), f"faults.{kind}",
+        check(all(0 <= i < num_users for i in ids), f"faults.{kind}",
                f"must be user ids in [0, users.num_users={num_users})", ids)
         for i in ids:
-            _check(i not in kind_of, f"faults.{kind}",
+            check(i not in kind_of, f"faults.{kind}",
                    f"user {i} is already in faults.{kind_of.get(i)} (one fault kind per user)", ids)
             kind_of[i] = kind
-    _check(all(1 <= r <= rounds for r in f.rounds), "faults.rounds",
+    check(all(1 <= r <= rounds for r in f.rounds), "faults.rounds",
            f"must be rounds in [1, training.rounds={rounds}] (empty: every round)", f.rounds)
-    _check(_positive(f.huge_scale), "faults.huge_scale", "must be a finite number > 0", f.huge_scale)
-    _check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
+    check(_positive(f.huge_scale), "faults.huge_scale", "must be a finite number > 0", f.huge_scale)
+    check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
 
 
 def _positive(value: float) -> bool:
