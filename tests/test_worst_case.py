@@ -198,3 +198,14 @@ def test_a_pair_is_scored_by_the_metric_of_its_attack_as_configured(tiny_config,
     # ALIE's success depends on its variant: an accuracy drop must never be ranked among the SRs
     cfg = with_overrides(tiny_config, ["attack.name=alie", f"attack.alie.variant={variant}"])
     assert summarise(StudySpec(cfg, "attack", "krum"), None)["metric"] == metric
+
+
+def test_a_composed_arm_is_judged_like_any_defense(tiny_config, tmp_path):
+    """``nnm+median`` (a pre-aggregator in front of a rule) is a defense of the search: its study reads the
+    sections of both parts and is named with a dot, as names allow no '+'."""
+    md = run(tiny_config, tmp_path, 2, defenses=["nnm+median"], attacks=["ipm"])
+    (row,) = json.loads(md.with_suffix(".json").read_text())["pairs"]
+    assert (row["defense"], row["study"], row["trials"]) == ("nnm+median", "worst-ipm-nnm.median-digits", 2)
+    study = studies.optuna.load_study(study_name=row["study"], storage=studies.open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    assert set(study.user_attrs["setting"]["config"]["defense"]) == {"nnm", "median"}
+    assert row["worst"] >= row["default"] is not None

@@ -88,22 +88,33 @@ def arm_defense(arm: str) -> str:
     return "none" if arm in ("benign", "attack") else arm
 
 
-def check_arms(cfg: Config, arms: Sequence[str]) -> list[str]:
+def check_arms(cfg: Config, arms: Sequence[str], option: str = "--arms") -> list[str]:
     """The arms in run order (benign first: the others' accuracy drop needs it); raises
-    :class:`ConfigError` for an unknown arm or a defense the config cannot run (its ``check_config``)."""
+    :class:`ConfigError` for an unknown arm (naming ``option``) or a defense the config cannot run (its
+    ``check_config``)."""
     for arm in arms:
         if arm in REGISTRY and REGISTRY[arm].pre_aggregator:
-            raise ConfigError(f"--arms: {arm} is a pre-aggregator: write it in front of a rule, e.g. {arm}+median")
+            raise ConfigError(f"{option}: {arm} is a pre-aggregator: write it in front of a rule, e.g. {arm}+median")
         if arm not in ARMS and "+" not in arm:
-            raise ConfigError(f"--arms: must be benign, attack or a registered defense ({', '.join(ARMS[2:])}), "
+            raise ConfigError(f"{option}: must be benign, attack or a registered defense ({', '.join(ARMS[2:])}), "
                               f"got {arm!r}")
         name = arm_defense(arm)
         try:
             cls = defense_class(name)
         except ConfigError as err:  # a composition that is not one
-            raise ConfigError(f"--arms: {err}") from None
+            raise ConfigError(f"{option}: {err}") from None
         cls.check_config(defense_params(cfg.defense, name), cfg, f"defense.{name}")
     return [a for a in ARMS if a in arms] + [a for a in dict.fromkeys(arms) if a not in ARMS]
+
+
+def check_defenses(option: str, cfg: Config, names: Sequence[str]) -> None:
+    """``names`` are defenses the config can run: registered ones, or compositions (``nnm+median``);
+    refused in one line naming ``option`` (``--defense``, ``--defenses``)."""
+    for name in names:
+        if name not in ARMS[2:] and "+" not in name and not (name in REGISTRY and REGISTRY[name].pre_aggregator):
+            raise ConfigError(f"{option}: must be registered defenses ({', '.join(ARMS[2:])}) or compositions "
+                              f"such as nnm+median, got {name!r}")
+    check_arms(cfg, names, option)
 
 
 def make_attack(cfg: Config) -> Attack:

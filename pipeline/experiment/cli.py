@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(tune)
     tune.add_argument("--kind", default="defense", help="defense (default) | attack")
     tune.add_argument("--defense", default="auror",
-                      help="the defense tuned (--kind defense) or attacked (--kind attack); default auror")
+                      help="the defense tuned (--kind defense) or attacked (--kind attack, compositions such as "
+                           "nnm+median too); default auror")
     tune.add_argument("--n-trials", type=int, default=20,
                       help="the study's total of finished trials; re-running continues up to it (default 20)")
     add_study_storage(tune)
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "success; resumable, split between workers that share --storage; writes "
                            "worst_case_<dataset>.md/.json/.png")
     add_config_arguments(worst)
-    worst.add_argument("--defenses", nargs="+", metavar="DEFENSE", help="the defenses judged (default: every one)")
+    worst.add_argument("--defenses", nargs="+", metavar="DEFENSE",
+                       help="the defenses judged, compositions such as nnm+median too (default: every registered one)")
     worst.add_argument("--attacks", nargs="+", metavar="ATTACK",
                        help="the attacks searched (default: every attack with knobs to search)")
     worst.add_argument("--n-trials", type=int, default=10,

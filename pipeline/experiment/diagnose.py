@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.attacks.base import Attack
 from pipeline.core.metrics import accuracy_drop, defense_detection_rates
-from pipeline.experiment.arms import ARMS, DataCache, check_arms, make_attack, poison_users, run_arm
+from pipeline.experiment.arms import DataCache, check_arms, check_defenses, make_attack, poison_users, run_arm
 from pipeline.experiment.config import Config, ConfigError
 from pipeline.experiment.store import check_report, report_config, write_report_file
 from pipeline.lazy import OnFirstUse, torch
@@ -56,9 +56,7 @@ def poisons_data(attack: Attack) -> bool:
 def run_diagnosis(base: Config, overrides: list[str], seeds: list[int], defenses: list[str], name: str) -> Path:
     """Run benign, attack and ``defenses`` for each seed; write ``diagnose_<name>.*`` (``overrides``: the
     ``--set`` values the report names as its setting). Everything is checked before the first arm runs."""
-    unknown = next((d for d in defenses if d not in ARMS[2:]), None)
-    if unknown is not None:
-        raise ConfigError(f"--defenses: must be registered defenses ({', '.join(ARMS[2:])}), got {unknown!r}")
+    check_defenses("--defenses", base, defenses)
     arms = check_arms(base, ["benign", "attack", *defenses])
     reports = Path(base.tracking.reports_dir)
     config = report_config(base)

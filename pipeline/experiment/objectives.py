@@ -10,7 +10,7 @@ import optuna
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.core.loop import Callback, CollaborativeLoop
 from pipeline.core.metrics import accuracy_drop, attack_success, defense_detection_rates
-from pipeline.defenses import REGISTRY
+from pipeline.defenses.compose import defense_class, defense_params
 from pipeline.experiment.config import Config
 
 
@@ -46,13 +46,13 @@ def suggest_attack(trial: optuna.Trial, cfg: Config, budget: float | None) -> li
 def suggest(kind: str, defense: str, trial: optuna.Trial, cfg: Config, budget: float | None) -> list[str]:
     """A trial's parameters as config overrides: the defense's own search space, or the attack's."""
     if kind == "defense":
-        return REGISTRY[defense].search_space(trial, cfg)
+        return defense_class(defense).search_space(trial, cfg)
     return suggest_attack(trial, cfg, budget)
 
 
 def warmup_rounds(kind: str, defense: str, cfg: Config) -> int:
     """No pruning before detection can have happened (for AUROR: the largest window searched, or the configured one)."""
-    cls, params = REGISTRY[defense], getattr(cfg.defense, defense)
+    cls, params = defense_class(defense), defense_params(cfg.defense, defense)
     if kind == "defense":
         return cls.warmup_rounds(params, cfg)
     return max(getattr(params, "window_rounds", 1), ATTACKS[cfg.attack.name].warmup_rounds(cfg))

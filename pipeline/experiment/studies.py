@@ -50,7 +50,7 @@ def study_setting(kind: str, defense: str, cfg: Config, budget: float) -> dict:
     (a study may go on on another machine) and the other defenses' sections) and budget."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("tracking", "report")}
     config["training"] = {k: v for k, v in config["training"].items() if k != "device"}
-    config["defense"] = {defense: config["defense"][defense]}
+    config["defense"] = {part: config["defense"][part] for part in defense.split("+")}  # (a composition's parts)
     config["attack"] = {k: v for k, v in config["attack"].items() if k not in ATTACKS or k == cfg.attack.name}
     return json.loads(json.dumps({"kind": kind, "defense": defense, "config": config,
                                   "max_malicious_fraction": budget}))

@@ -64,8 +64,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.device import select_device
 from pipeline.core.metrics import accuracy_drop
-from pipeline.defenses import REGISTRY
-from pipeline.experiment.arms import ARMS, arm_params, check_arms, run_arm, DataCache
+from pipeline.defenses.compose import defense_class
+from pipeline.experiment.arms import DataCache, arm_params, check_defenses, run_arm
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
 from pipeline.experiment.grid import Cell, cell_key
 from pipeline.experiment.storage import STUDY_STORAGE
@@ -115,17 +115,14 @@ def validate_spec(spec: StudySpec, cfg: Config) -> tuple[str, float]:
         raise ConfigError(f"--kind: must be one of {', '.join(KINDS)}, got {spec.kind!r}")
     if spec.n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {spec.n_trials}")
-    if spec.defense not in ARMS[2:]:
-        known = ", ".join(ARMS[2:])
-        raise ConfigError(f"--defense: must be one of {known}, got {spec.defense!r}")
-    check_arms(cfg, [spec.defense])
-    if spec.kind == "defense" and not REGISTRY[spec.defense].search_ranges:
+    check_defenses("--defense", cfg, [spec.defense])
+    if spec.kind == "defense" and not defense_class(spec.defense).search_ranges:
         raise ConfigError(f"--defense: {spec.defense} has no parameters to search (tune --kind attack against it)")
     # AUROR's studies of label flipping keep their historical names (defense-digits); the others carry
     # the defense's name, and an attack study the attack's
     attack = [cfg.attack.name] if spec.kind == "attack" and cfg.attack.name != "label_flip" else []
-    name = spec.study_name or "-".join([spec.kind, *attack, *([spec.defense] if spec.defense != "auror" else []),
-                                        cfg.data.name])
+    defense = [spec.defense.replace("+", ".")] if spec.defense != "auror" else []  # (nnm+median: nnm.median)
+    name = spec.study_name or "-".join([spec.kind, *attack, *defense, cfg.data.name])
     check_name("--study-name", name)
     budget = cfg.users.malicious_fraction if spec.max_malicious_fraction is None else spec.max_malicious_fraction
     if not 0 < budget < 0.5:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.attacks.base import ACCURACY_DROP
-from pipeline.experiment.arms import ARMS, make_attack
+from pipeline.experiment.arms import ARMS, check_defenses, make_attack
 from pipeline.experiment.config import Config, ConfigError, check_name, with_overrides
 from pipeline.experiment.store import check_report, report_config, write_report_file
 from pipeline.experiment.storage import STUDY_STORAGE
@@ -57,9 +57,7 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
             raise ConfigError(f"--attacks: must be registered attacks ({', '.join(ATTACKS)}), got {name!r}")
         if not ATTACKS[name].search_ranges:
             raise ConfigError(f"--attacks: {name} has no knobs to search ({', '.join(searchable_attacks())} have)")
-    bad = next((d for d in defenses if d not in ARMS[2:]), None)
-    if bad is not None:
-        raise ConfigError(f"--defenses: must be registered defenses ({', '.join(ARMS[2:])}), got {bad!r}")
+    check_defenses("--defenses", cfg, defenses)
     base = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, reports_dir=str(Path(cfg.tracking.reports_dir) / "worst_case" / cfg.data.name)))
     specs = []
@@ -67,7 +65,7 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
         attacked = with_overrides(base, [f"attack.name={attack}"])
         for defense in dict.fromkeys(defenses):
             spec = StudySpec(attacked, "attack", defense, n_trials, storage,
-                             f"worst-{attack}-{defense}-{suffix}", fixed_attackers=True,
+                             f"worst-{attack}-{defense.replace('+', '.')}-{suffix}", fixed_attackers=True,
                              benign_store=Path(base.tracking.reports_dir) / "cells")
             validate_spec(spec, attacked)
             specs.append(spec)
@@ -101,8 +99,8 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
     name = check_name("--name", name or f"worst_case_{cfg.data.name}")
     stem = Path(cfg.tracking.reports_dir) / name
     config = report_config(cfg)
-    check_report(stem.with_suffix(".json"), config, "give --name NAME to write this report as NAME.md beside it")
     specs = plan(cfg, defenses, attacks, n_trials, storage, name)
+    check_report(stem.with_suffix(".json"), config, "give --name NAME to write this report as NAME.md beside it")
     url = storage or STUDY_STORAGE
     made = not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
     if report_only and not made:  # (opening it would make an empty database)
