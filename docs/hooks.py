@@ -104,10 +104,13 @@ def constraints(function) -> dict[str, list[str]]:
 
 
 class RecordingTrial:
-    """An Optuna trial stand-in that records what a ``search_space`` asks for (and answers the first choice)."""
+    """An Optuna trial stand-in that records what a ``search_space`` asks for; a choice is answered from
+    ``answers`` (default: its first option), and the choices asked are kept to be answered otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, answers: dict[str, object] | None = None) -> None:
+        self.answers = answers or {}
         self.asked: list[tuple[str, str]] = []
+        self.choices: list[tuple[str, list]] = []
 
     def suggest_float(self, name, low, high, log=False, **_):
         self.asked.append((name, f"float in [{low:g}, {high:g}]" + (", log scale" if log else "")))
@@ -119,15 +122,32 @@ class RecordingTrial:
 
     def suggest_categorical(self, name, choices):
         self.asked.append((name, "one of " + ", ".join(map(str, choices))))
-        return choices[0]
+        self.choices.append((name, list(choices)))
+        return self.answers.get(name, choices[0])
 
 
 def search_space(plugin) -> list[tuple[str, str]]:
+    """What ``plugin.search_space`` asks of the default config, each key with the options of a choice under
+    which alone it is asked (Fang's ``b``: when ``target`` = trimmed_mean); one level of choices."""
     from pipeline.experiment.config import load_config
 
-    trial = RecordingTrial()
-    plugin.search_space(trial, load_config(None))
-    return trial.asked
+    cfg = load_config(None)
+    first = RecordingTrial()
+    plugin.search_space(first, cfg)
+    asked = dict(first.asked)
+    conditions: dict[str, str] = {}
+    for name, options in first.choices:
+        under = {}
+        for option in options:
+            trial = RecordingTrial({name: option})
+            plugin.search_space(trial, cfg)
+            under[option] = dict(trial.asked)
+            asked = {**asked, **under[option]}
+        for key in asked:
+            where = [str(o) for o in options if key in under[o]]
+            if len(where) < len(options):
+                conditions[key] = f" (when `{name}` = {' or '.join(where)})"
+    return [(k, r + conditions.get(k, "")) for k, r in asked.items()]
 
 
 @cache
@@ -319,8 +339,7 @@ def plugin_page(kind: str, name: str, plugin, names: list[str]) -> str:
     if space:
         lines += ["| key | range |", "|---|---|"] + [f"| `{k}` | {_cell(r)} |" for k, r in space] + [""]
         if any("one of" in r for _, r in space):
-            lines += ["(Asked of the default config: a choice, as AUROR's `alpha_mode`, can change the ranges "
-                      "that follow it.)", ""]
+            lines += ["(Asked of the default config, under each option of its choice.)", ""]
     else:
         lines += ["Nothing: it has no float parameter to search.", ""]
     checked = tests_of(name, names)
