@@ -209,3 +209,20 @@ def test_a_composed_arm_is_judged_like_any_defense(tiny_config, tmp_path):
     study = studies.optuna.load_study(study_name=row["study"], storage=studies.open_storage(f"sqlite:///{tmp_path}/optuna.db"))
     assert set(study.user_attrs["setting"]["config"]["defense"]) == {"nnm", "median"}
     assert row["worst"] >= row["default"] is not None
+
+
+def test_a_study_searched_to_the_budget_is_not_opened_again(tiny_config, tmp_path, monkeypatch, caplog):
+    """A worker that comes back to a search passes the finished studies by (no MLflow run, no study opened) and
+    says how many pairs are left and about how long they take at its pace."""
+    import logging
+
+    from pipeline.experiment import worst_case
+
+    run(tiny_config, tmp_path, 1, defenses=["median"], attacks=["ipm"])
+    real = worst_case.run_study
+    opened = []
+    monkeypatch.setattr(worst_case, "run_study", lambda spec: opened.append(spec.study_name) or real(spec))
+    with caplog.at_level(logging.INFO, logger="auror"):
+        run(tiny_config, tmp_path, 1, defenses=["median", "krum"], attacks=["ipm"])
+    assert opened == ["worst-ipm-krum-digits"]
+    assert "1 pairs searched in" in caplog.text and "0 to go" in caplog.text

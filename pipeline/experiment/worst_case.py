@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 from pipeline.attacks import REGISTRY as ATTACKS
@@ -117,12 +118,20 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
             raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
                               "run without --report-only first")
         return write_report(rows, cfg, config, n_trials, command, stem)
+    md, spent, searched = None, 0.0, 0
     for i, spec in enumerate(specs):  # the report after each study: an interrupted search leaves its progress
+        if rows[i]["trials"] >= n_trials:  # searched to the budget already (by this worker or another)
+            continue
         log.info("== study %d/%d: %s against %s (%s)", i + 1, len(specs), spec.cfg.attack.name, spec.defense,
                  spec.study_name)
+        start = time.monotonic()
         rows[i] = summarise(spec, run_study(spec).study)
         md = write_report(rows, cfg, config, n_trials, command, stem)
-    return md
+        spent, searched = spent + time.monotonic() - start, searched + 1
+        left = sum(r["trials"] < n_trials for r in rows[i + 1:])
+        log.info("%d pairs searched in %.0f min by this worker; %d to go, about %.1f h for one worker at this pace",
+                 searched, spent / 60, left, left * spent / searched / 3600)
+    return md or write_report(rows, cfg, config, n_trials, command, stem)
 
 
 def leaderboard(rows: list[dict]) -> list[dict]:
