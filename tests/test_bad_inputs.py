@@ -77,13 +77,14 @@ def test_bad_input(number, command, setup, message, tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUROR_DATA_DIR", raising=False)
     set_up(setup, tmp_path)
+    given = sorted(tmp_path.rglob("*"))
     argv = shlex.split(command)
     assert argv[0] == "auror"
     assert main(argv[1:]) == 2
     captured = capsys.readouterr()
     assert captured.err == message + "\n"
     assert "Traceback" not in captured.out + captured.err
-    assert not (tmp_path / "mlruns").exists()
+    assert sorted(tmp_path.rglob("*")) == given  # nothing made: no mlruns/, no report, no lock file
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from pipeline.core.server_optimizer import SERVER_OPTIMIZERS, ServerConfig
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
 from pipeline.defenses.base import check, check_finite_fields
+from pipeline.experiment.storage import check_sqlite_file
 
 
 @dataclass
@@ -343,6 +344,9 @@ def check_output_folders(cfg: Config) -> None:
     """``tracking.reports_dir`` and ``tracking.artifact_dir`` (the checkpoints go beside it) are folders this
     process can write, or can be made: refused in one line before any work, nothing created."""
     keys = ["reports_dir"] + ([] if cfg.tracking.tracking_uri.startswith(("http://", "https://")) else ["artifact_dir"])
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_dir():
+        check_sqlite_file(Path(uri.removeprefix("sqlite:///")), "tracking.tracking_uri")
     for key in keys:
         path = Path(getattr(cfg.tracking, key))
         existing = next(p for p in (path, *path.parents) if p.exists())

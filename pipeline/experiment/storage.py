@@ -44,6 +44,23 @@ def scrub(text: str, url: str) -> str:
     return _PASSWORD_IN_URL.sub(r"\1***@", text.replace(url, hide_password(url)))
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def check_sqlite_file(path: Path, option: str) -> None:
+    """A file at ``path`` that is not empty and not an SQLite database (a damaged copy, another file named
+    like one) is refused in one line; SQLite itself would say so only at the first query."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot read {path} ({err.strerror})") from None
+    if head and head != SQLITE_HEADER:
+        raise ConfigError(f"{option}: {path} is not an SQLite database; move it away or name another file")
+
+
 def database_url(url: str, option: str) -> str:
     """The SQLAlchemy URL for ``url``, or a one-line :class:`ConfigError`: ``postgresql://`` needs a
     database name and psycopg 3 (the ``postgres`` extra); ``sqlite:///`` needs a file whose folder
@@ -67,6 +84,7 @@ def database_url(url: str, option: str) -> str:
         path = Path(database)
         if path.is_dir():
             raise ConfigError(f"{option}: {path} is a folder; name a file in it, e.g. sqlite:///{path / 'db.sqlite'}")
+        check_sqlite_file(path, option)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
