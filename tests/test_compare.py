@@ -179,3 +179,20 @@ def test_every_file_the_pipeline_writes_goes_through_the_atomic_writer():
              for folder in ("pipeline", "lightning_modules", "datamodules") for path in sorted((root / folder).rglob("*.py"))
              for i, line in enumerate(path.read_text().splitlines(), 1) if in_place.search(line)]
     assert found == ['pipeline/experiment/storage.py:102: with open(db.with_name(db.name + ".lock"), "w") as lock:']
+
+
+@pytest.mark.parametrize("content, damage", [("{bad", "Expecting property name"), ("", "Expecting value"),
+                                             ("[1]", "not a map of cells"), ('{"k": 1}', "not a map of cells"),
+                                             (b"\xff\xfe", "'utf-8' codec can't decode")])
+def test_a_damaged_results_file_is_refused_in_one_line(tmp_path, content, damage):
+    """A merge conflict or an edit in a store's file: one line naming the file and what to do, not a traceback."""
+    from pipeline.experiment.store import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    store.path("label_flip", "auror").parent.mkdir(parents=True)
+    write = store.path("label_flip", "auror").write_bytes if isinstance(content, bytes) else \
+        store.path("label_flip", "auror").write_text
+    write(content)
+    with pytest.raises(ConfigError, match=f"auror.json: not a results file \\({damage}.*\\); restore it"):
+        store.load("label_flip", "auror")
+    assert store.load("label_flip", "median") == {}

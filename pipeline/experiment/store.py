@@ -30,8 +30,21 @@ class ResultsStore:
         return self.root / group / f"{arm}.json"
 
     def load(self, group: str, arm: str) -> dict[str, dict]:
+        """The records of ``<group>/<arm>.json``; a damaged file (a merge conflict, an edit) is refused in one
+        line before any cell runs."""
         path = self.path(group, arm)
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            records = json.loads(path.read_text())
+            damage = None if isinstance(records, dict) and all(isinstance(r, dict) and "metrics" in r
+                                                                for r in records.values()) else "not a map of cells"
+        except ValueError as err:  # (a UnicodeDecodeError too)
+            damage = str(err)
+        if damage is not None:
+            raise ConfigError(f"{path}: not a results file ({damage}); restore it (git checkout -- <file>) or delete "
+                              "it to run its cells again")
+        return records
 
     def results(self, group: str, cells: list[Cell]) -> dict[str, dict]:
         """``{key: metrics}`` of the ``cells`` recorded under ``group``."""
