@@ -53,11 +53,11 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
     suffix = name.removeprefix("worst_case_")
     defenses = defenses or list(ARMS[2:])
     attacks = attacks or searchable_attacks()
-    for name in attacks:
-        if name not in ATTACKS:
-            raise ConfigError(f"--attacks: must be registered attacks ({', '.join(ATTACKS)}), got {name!r}")
-        if not ATTACKS[name].search_ranges:
-            raise ConfigError(f"--attacks: {name} has no knobs to search ({', '.join(searchable_attacks())} have)")
+    for attack in attacks:
+        if attack not in ATTACKS:
+            raise ConfigError(f"--attacks: must be registered attacks ({', '.join(ATTACKS)}), got {attack!r}")
+        if not ATTACKS[attack].search_ranges:
+            raise ConfigError(f"--attacks: {attack} has no knobs to search ({', '.join(searchable_attacks())} have)")
     check_defenses("--defenses", cfg, defenses)
     base = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, reports_dir=str(Path(cfg.tracking.reports_dir) / "worst_case" / cfg.data.name)))
@@ -105,7 +105,8 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
     url = storage or STUDY_STORAGE
     made = not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
     if report_only and not made:  # (opening it would make an empty database)
-        raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; run without --report-only first")
+        raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
+                          "run without --report-only first")
     rows = [summarise(spec, None) for spec in specs]
     if made:  # every study the storage holds, read once: one made under another setting is refused before any work
         from pipeline.experiment.studies import open_storage  # (Optuna loads only when a report is read)
