@@ -104,14 +104,11 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
     check_report(stem.with_suffix(".json"), config, "give --name NAME to write this report as NAME.md beside it")
     url = storage or STUDY_STORAGE
     made = not url.startswith("sqlite:///") or Path(url.removeprefix("sqlite:///")).is_file()
-    if report_only and not made:  # (opening it would make an empty database)
-        raise ConfigError(f"--report-only: no trial of these {len(specs)} studies in {url}; "
-                          "run without --report-only first")
     rows = [summarise(spec, None) for spec in specs]
-    if made:  # every study the storage holds, read once: one made under another setting is refused before any work
+    if made:  # (opening a file not made yet would make an empty database)
         from pipeline.experiment.studies import open_storage  # (Optuna loads only when a report is read)
 
-        opened = open_storage(url)
+        opened = open_storage(url)  # every study it holds, read once: one of another setting is refused before any work
         rows = [summarise(spec, load_study(spec, opened, "give --name NAME to search this setting in studies of "
                                                         "their own")) for spec in specs]
     if report_only:
