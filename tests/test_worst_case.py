@@ -180,7 +180,8 @@ def test_another_setting_is_searched_in_studies_of_its_own_named_by_the_search(t
     assert trained == []  # krum's new study comes first: refused before it ran
     md = run_worst_case(dirichlet, ["krum", "median"], ["ipm"], 1, storage, "worst_case_digits_dirichlet", "test")
     report = json.loads(md.with_suffix(".json").read_text())
-    assert [r["study"] for r in report["pairs"]] == ["worst-ipm-krum-digits_dirichlet", "worst-ipm-median-digits_dirichlet"]
+    assert [r["study"] for r in report["pairs"]] == ["worst-ipm-krum-digits_dirichlet",
+                                                     "worst-ipm-median-digits_dirichlet"]
     assert md.name == "worst_case_digits_dirichlet.md" and trained.count("krum") == trained.count("median") == 1
 
 
@@ -206,7 +207,8 @@ def test_a_composed_arm_is_judged_like_any_defense(tiny_config, tmp_path):
     md = run(tiny_config, tmp_path, 2, defenses=["nnm+median"], attacks=["ipm"])
     (row,) = json.loads(md.with_suffix(".json").read_text())["pairs"]
     assert (row["defense"], row["study"], row["trials"]) == ("nnm+median", "worst-ipm-nnm.median-digits", 2)
-    study = studies.optuna.load_study(study_name=row["study"], storage=studies.open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = studies.optuna.load_study(study_name=row["study"], storage=storage)
     assert set(study.user_attrs["setting"]["config"]["defense"]) == {"nnm", "median"}
     assert row["worst"] >= row["default"] is not None
 
