@@ -205,12 +205,14 @@ def test_the_first_trial_of_an_attack_study_is_the_configured_attack(tmp_path, a
 
 def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_running_it(tmp_path, monkeypatch):
     """Fang's search may pick ``target: krum``, the configured rule: the config of trial 0, whose run is
-    deterministic. Its value is trial 0's, and the arm is not trained again."""
+    deterministic. Its value is trial 0's, the arm is not trained again, and it does not count in the
+    budget: two trials that count are three in all."""
     import optuna
 
     from pipeline.experiment import tune
 
-    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True)
+    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True,
+                     n_trials=2)
     study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
     study.enqueue_trial({}, user_attrs={"baseline": True})
     study.enqueue_trial({"attack.fang.target": "krum"})
@@ -228,3 +230,21 @@ def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_runnin
     assert trials[1].user_attrs["same_as"] == 0 and "same_as" not in trials[2].user_attrs
     assert trials[1].value == trials[0].value and trials[1].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
     assert [r.data.tags["optuna_trial"] for r in study_runs(tmp_path) if "optuna_trial" in r.data.tags] == ["2", "0"]
+
+
+def test_a_space_with_fewer_settings_than_the_budget_ends_after_three_times_it(tmp_path):
+    """Every trial after the first repeats its config (the sampler asks krum again and again): the study
+    stops after 3 x its budget of trials, with the one that counts."""
+    import optuna
+
+    from pipeline.experiment import studies as studies_module
+
+    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True,
+                     n_trials=2)
+    study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
+    study.enqueue_trial({}, user_attrs={"baseline": True})
+    for _ in range(8):
+        study.enqueue_trial({"attack.fang.target": "krum"})
+    trials = run_study(spec).study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == studies_module.REPEATS_CAP * 2 and studies_module.count_finished(study) == 1
+    assert all(t.user_attrs["same_as"] == 0 for t in trials[1:])

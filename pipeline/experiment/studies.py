@@ -109,8 +109,17 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, se
     return study
 
 
+REPEATS_CAP = 3  # a study asks at most this many times its budget: a space with fewer settings than the budget ends
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts in the budget: not one that took the value of a trial of the same config."""
+    return "same_as" not in trial.user_attrs
+
+
 def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """The finished trials that count in the budget (a repeated config does not)."""
+    return sum(map(counted, study.get_trials(deepcopy=False, states=FINISHED)))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -124,12 +133,14 @@ class SurplusTrial(Exception):
 
 
 def claimed_before(study: optuna.Study, number: int) -> int:
-    """Trials numbered before ``number`` that finished or are running: they come first in the budget."""
-    return sum(t.number < number for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+    """Trials numbered before ``number`` that finished (and count) or are running: they come first in the budget."""
+    return sum(t.number < number and counted(t)
+               for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
 
 
 def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HEARTBEAT_S) -> None:
-    """Run trials, one at a time, with any other worker of the study until it has ``n_trials`` finished ones.
+    """Run trials, one at a time, with any other worker of the study until it has ``n_trials`` finished ones
+    that count (:func:`counted`), or ``REPEATS_CAP`` times as many in all.
 
     A trial starts only while fewer than ``n_trials`` are finished or running (the
     objective's :func:`claimed_before` settles a tie between workers). While the
@@ -141,6 +152,10 @@ def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HE
         fail_stale_trials(study)
         finished = count_finished(study)
         if finished >= n_trials:
+            return
+        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= REPEATS_CAP * n_trials:
+            log.info("study %s: %d trials asked, %d of them settings not tried before; its space holds no more "
+                     "the sampler finds", study.study_name, REPEATS_CAP * n_trials, finished)
             return
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if finished + running >= n_trials:

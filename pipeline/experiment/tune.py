@@ -27,7 +27,8 @@ The first trial of a new study is the configured setting itself (a baseline): it
 parameter and runs the config as given (``attack.alie.z: 0`` is z_max, not the range's low end);
 the trials CSV marks it ``configured``. A trial whose choices give the config of a complete trial (Fang's
 search choosing ``target: krum``, the configured rule) takes that trial's value and metrics without
-running (a run is a function of its config and seed); the CSV says whose.
+running (a run is a function of its config and seed), the CSV says whose, and it does not count in
+``n_trials``: a study asks until ``n_trials`` settings were tried, or 3 x ``n_trials`` trials in all.
 Every round reports its value (the same formula on that round's model and
 flags) to a median pruner, which stops a trial worse than the median of
 earlier trials at the same round, once detection can have happened.

@@ -76,9 +76,11 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
 def summarise(spec: StudySpec, study) -> dict:
     """A pair's row: its default-knob value (trial 0), its worst (the study's best) and the knobs of it
     (a study not made yet: no value, no trial)."""
+    from pipeline.experiment.studies import counted  # (Optuna loads only when a report is read)
+
     attack = spec.cfg.attack.name
     trials = [] if study is None else study.trials
-    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and counted(t)]
     baseline = next((t for t in trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"), None)
     completed = [t for t in finished if t.state.name == "COMPLETE"]
     best = max(completed, key=lambda t: t.value) if completed else None
