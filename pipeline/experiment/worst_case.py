@@ -163,8 +163,9 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
     data = {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": leaderboard(rows)}
     write_report_file(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     lines = [f"# {cfg.data.name}: each defense against its worst attacker", "",
-             f"Produced by `{command}`: per (defense, attack) pair an Optuna study of at most {n_trials} trials "
-             f"(trial 0: the attack's configured knobs) maximising the attack's success with the setting's "
+             f"Produced by `{command}`: per (defense, attack) pair an Optuna study of {n_trials} trials "
+             "(trial 0: the attack's configured knobs; a trial that repeats a tried setting is not counted) "
+             "maximising the attack's success with the setting's "
              f"{cfg.users.malicious_fraction:.0%} malicious users; config {config['hash']}, every value in "
              f"`{stem.name}.json`. SR: attack success rate (targeted); AD: accuracy drop against the benign arm "
              "(untargeted). Each cell: worst (default knobs).", "",
