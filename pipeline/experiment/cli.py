@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the defense tuned (--kind defense) or attacked (--kind attack, compositions such as "
                            "nnm+median too); default auror")
     tune.add_argument("--n-trials", type=int, default=20,
-                      help="the study's total of finished trials; re-running continues up to it (default 20)")
+                      help="the study's total of finished trials (a trial that repeats a tried setting not counted); "
+                           "re-running continues up to it (default 20)")
     add_study_storage(tune)
     tune.add_argument("--study-name", help="resume this study when it exists (default: <kind>-<dataset>)")
     tune.add_argument("--max-malicious-fraction", type=float,
@@ -276,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     worst.add_argument("--attacks", nargs="+", metavar="ATTACK",
                        help="the attacks searched (default: every attack with knobs to search)")
     worst.add_argument("--n-trials", type=int, default=10,
-                       help="each study's total of finished trials, trial 0 the configured knobs (default 10)")
+                       help="each study's total of finished trials, trial 0 the configured knobs, a trial that repeats "
+                            "a tried setting not counted (default 10)")
     add_study_storage(worst)
     worst.add_argument("--name", help="the search's name (default worst_case_<dataset>): its report <NAME>.md/.json/"
                        ".png and its studies worst-<attack>-<defense>-<NAME without worst_case_>; another setting "
