@@ -244,8 +244,8 @@ def configuration_page() -> str:
     from pipeline.experiment import config as c
 
     comments, checks = params_comments(), constraints(c.validate)
-    for extra in (c._validate_faults,):
-        checks.update(constraints(extra))
+    for section in (c.ServerConfig, c.ProtocolConfig, c.FaultsConfig):  # the sections that check themselves
+        checks.update(constraints(section.validate))
     lines = ["# Configuration reference", "",
              "Every key of `params.yaml`, from the config's dataclasses (type, default), the comment beside the key "
              "in `params.yaml`, and the checks that `validate` runs before any work (a key given a value "

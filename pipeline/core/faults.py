@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 
 from pipeline.lazy import torch
 
+from pipeline.core.errors import check, positive
+
+FAULT_KINDS = ("nan_users", "inf_users", "dropout_users", "huge_users")
+
+
 @dataclass
 class FaultsConfig:
     """Faulty users, injected on the client side to test the server's
@@ -48,6 +53,24 @@ class FaultsConfig:
     rounds: list[int] = field(default_factory=list)  # the rounds they misbehave in; empty: every round
     # server side: leave out a user whose update's RMS exceeds this times the median RMS; .inf: no guard
     max_norm_ratio: float = 100.0
+
+    def validate(self, num_users: int, rounds: int) -> None:
+        """The user ids within ``num_users`` (one fault kind each), the rounds within ``rounds``."""
+        kind_of: dict[int, str] = {}
+        for kind in FAULT_KINDS:
+            ids = getattr(self, kind)
+            check(all(0 <= i < num_users for i in ids), f"faults.{kind}",
+                  f"must be user ids in [0, users.num_users={num_users})", ids)
+            for i in ids:
+                check(i not in kind_of, f"faults.{kind}",
+                      f"user {i} is already in faults.{kind_of.get(i)} (one fault kind per user)", ids)
+                kind_of[i] = kind
+        check(all(1 <= r <= rounds for r in self.rounds), "faults.rounds",
+              f"must be rounds in [1, training.rounds={rounds}] (empty: every round)", self.rounds)
+        check(positive(self.huge_scale), "faults.huge_scale", "must be a finite number > 0", self.huge_scale)
+        check(self.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)",
+              self.max_norm_ratio)
+
 
 # the faults' random stream in a round, apart from the protocol's (2**32 - 1) and every user's batch stream
 FAULT_STREAM = 2**32 - 2

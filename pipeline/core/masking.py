@@ -22,6 +22,10 @@ from typing import Literal
 
 from pipeline.lazy import torch
 
+from pipeline.core.errors import check
+
+UPLOAD_SELECTIONS = ("largest", "random")
+
 
 @dataclass
 class ProtocolConfig:
@@ -32,6 +36,16 @@ class ProtocolConfig:
     upload_selection: str = "largest"  # largest | random
     gamma: float = float("inf")  # uploaded values are clipped to [-gamma, gamma]
     epsilon: float = float("inf")  # privacy budget per round and user; inf: no noise
+
+    def validate(self) -> None:
+        for name in ("theta_d", "theta_u"):
+            check(0 < getattr(self, name) <= 1, f"protocol.{name}", "must be in (0, 1]", getattr(self, name))
+        check(self.upload_selection in UPLOAD_SELECTIONS, "protocol.upload_selection",
+              f"must be one of {', '.join(UPLOAD_SELECTIONS)}", self.upload_selection)
+        check(self.gamma > 0, "protocol.gamma", "must be > 0 (.inf: no clipping)", self.gamma)
+        check(self.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", self.epsilon)
+        check(self.epsilon == float("inf") or self.gamma < float("inf"), "protocol.gamma",
+              "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", self.gamma)
 
 
 def num_kept(fraction: float, num_params: int) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pipeline.lazy import torch
 
+from pipeline.core.errors import check, positive
+
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -26,6 +28,14 @@ class ServerConfig:
     beta1: float = 0.9  # momentum's and adam's first-moment decay
     beta2: float = 0.99  # adam's second-moment decay
     tau: float = 1.0e-3  # adam's adaptivity: added to sqrt(v)
+
+    def validate(self) -> None:
+        check(self.optimizer in SERVER_OPTIMIZERS, "server.optimizer",
+              f"must be one of {', '.join(SERVER_OPTIMIZERS)}", self.optimizer)
+        check(positive(self.lr), "server.lr", "must be a finite number > 0", self.lr)
+        for name in ("beta1", "beta2"):
+            check(0 <= getattr(self, name) < 1, f"server.{name}", "must be in [0, 1)", getattr(self, name))
+        check(positive(self.tau), "server.tau", "must be a finite number > 0", self.tau)
 
 
 def server_step(cfg: ServerConfig, params: torch.Tensor, delta: torch.Tensor,

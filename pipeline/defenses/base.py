@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pipeline.lazy import torch
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, check, finite_number  # noqa: F401 (the plug-ins import them from here)
 from pipeline.core.server import Aggregate, ServerInputs, Uploads
 
 
@@ -32,17 +32,6 @@ class DefenseParams:
     def validate(self, key: str) -> None:
         """Raise :class:`ConfigError` naming ``key.<field>`` for a bad value; ``key`` is ``defense.<name>``.
         NaN and +-inf in a float field are refused after it, for every plug-in (:func:`check_finite_fields`)."""
-
-
-def check(ok: bool, key: str, message: str, value: Any) -> None:
-    """One-line :class:`ConfigError` ``"<key>: <message>, got <value>"`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{key}: {message}, got {value!r}")
-
-
-def finite_number(value: Any) -> bool:
-    """A real number as YAML gives it (int or float, not a bool), not NaN or infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def whole_number(value: Any) -> bool:

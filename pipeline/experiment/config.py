@@ -24,10 +24,11 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.faults import FaultsConfig
 from pipeline.core.masking import ProtocolConfig
 from pipeline.core.sampling import PARTICIPATIONS, round_size
-from pipeline.core.server_optimizer import SERVER_OPTIMIZERS, ServerConfig
+from pipeline.core.server_optimizer import ServerConfig
 from pipeline.attacks import REGISTRY as ATTACKS
 from pipeline.defenses import REGISTRY
-from pipeline.defenses.base import check, check_finite_fields
+from pipeline.core.errors import check, positive
+from pipeline.defenses.base import check_finite_fields
 from pipeline.experiment.storage import check_sqlite_file
 
 
@@ -171,7 +172,6 @@ ALGORITHMS = ("fedavg", "fedsgd")
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state bound
 PARTITIONS = ("iid", "dirichlet")
-UPLOAD_SELECTIONS = ("largest", "random")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -235,15 +235,15 @@ def validate(cfg: Config) -> Config:
     check(bool(d.root.strip()), "data.root", "must not be empty", d.root)
     check(u.num_users >= 2, "users.num_users", "must be >= 2", u.num_users)
     check(0 <= u.malicious_fraction < 0.5, "users.malicious_fraction",
-           "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
+          "must be in [0, 0.5) (AUROR assumes malicious users are a minority)", u.malicious_fraction)
     check(u.partition in PARTITIONS, "users.partition", f"must be one of {', '.join(PARTITIONS)}", u.partition)
-    check(_positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
+    check(positive(u.dirichlet_alpha), "users.dirichlet_alpha", "must be a finite number > 0", u.dirichlet_alpha)
     check(u.min_samples >= 1, "users.min_samples", "must be >= 1", u.min_samples)
-    check(_positive(u.per_round) and (u.per_round <= 1 or (u.per_round.is_integer() and u.per_round <= u.num_users)),
-           "users.per_round", f"must be a fraction in (0, 1] or a whole count of at most users.num_users={u.num_users}",
-           u.per_round)
+    check(positive(u.per_round) and (u.per_round <= 1 or (u.per_round.is_integer() and u.per_round <= u.num_users)),
+          "users.per_round", f"must be a fraction in (0, 1] or a whole count of at most users.num_users={u.num_users}",
+          u.per_round)
     check(round_size(u.per_round, u.num_users) >= 2, "users.per_round",
-           f"must give at least 2 users per round (of users.num_users={u.num_users})", u.per_round)
+          f"must give at least 2 users per round (of users.num_users={u.num_users})", u.per_round)
     num_classes = DATASETS[d.name]
     for key in ("source_class", "target_class"):
         value = getattr(a, key)
@@ -252,11 +252,11 @@ def validate(cfg: Config) -> Config:
     check(a.source_class != a.target_class, "attack.target_class", "must differ from attack.source_class", a.target_class)
     check(0 <= a.poisoned_fraction <= 1, "attack.poisoned_fraction", "must be in [0, 1]", a.poisoned_fraction)
     check(a.malicious_epochs >= 1, "attack.malicious_epochs", "must be >= 1", a.malicious_epochs)
-    check(_positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
-           a.malicious_lr_multiplier)
-    check(_positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
+    check(positive(a.malicious_lr_multiplier), "attack.malicious_lr_multiplier", "must be a finite number > 0",
+          a.malicious_lr_multiplier)
+    check(positive(a.boost), "attack.boost", "must be a finite number > 0", a.boost)
     check(a.participation in PARTICIPATIONS, "attack.participation", f"must be one of {', '.join(PARTICIPATIONS)}",
-           a.participation)
+          a.participation)
     for name in ATTACKS:
         getattr(a, name).validate(f"attack.{name}")
         check_finite_fields(getattr(a, name), f"attack.{name}")
@@ -264,80 +264,41 @@ def validate(cfg: Config) -> Config:
     check(t.rounds >= 1, "training.rounds", "must be >= 1", t.rounds)
     check(t.local_epochs >= 1, "training.local_epochs", "must be >= 1", t.local_epochs)
     check(t.batch_size >= 1, "training.batch_size", "must be >= 1", t.batch_size)
-    check(_positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
+    check(positive(t.lr), "training.lr", "must be a finite number > 0", t.lr)
     check(len(t.hidden_sizes) >= 1 and all(h >= 1 for h in t.hidden_sizes),
-           "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
+          "training.hidden_sizes", "must be a non-empty list of positive sizes", t.hidden_sizes)
     check(t.model in MODELS, "training.model", f"must be one of {', '.join(MODELS)}", t.model)
     if t.model in MODEL_IMAGES:
         fits = [name for name, shape in DATASET_IMAGES.items() if shape == MODEL_IMAGES[t.model]]
         check(cfg.data.name in fits, "training.model", f"{t.model} takes {'x'.join(map(str, MODEL_IMAGES[t.model]))} "
-               f"images ({', '.join(fits)}), not data.name={cfg.data.name}'s", t.model)
+              f"images ({', '.join(fits)}), not data.name={cfg.data.name}'s", t.model)
     check_device_name(t.device, "training.device")
     check(t.algorithm in ALGORITHMS, "training.algorithm", f"must be one of {', '.join(ALGORITHMS)}", t.algorithm)
     check(t.algorithm == "fedavg" or t.local_epochs == 1, "training.local_epochs",
-           "must be 1 under training.algorithm=fedsgd (one local step per round)", t.local_epochs)
+          "must be 1 under training.algorithm=fedsgd (one local step per round)", t.local_epochs)
     check(t.eval_every >= 1, "training.eval_every", "must be >= 1", t.eval_every)
-    sv = cfg.server
-    check(sv.optimizer in SERVER_OPTIMIZERS, "server.optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}",
-           sv.optimizer)
-    check(_positive(sv.lr), "server.lr", "must be a finite number > 0", sv.lr)
-    for key in ("beta1", "beta2"):
-        check(0 <= getattr(sv, key) < 1, f"server.{key}", "must be in [0, 1)", getattr(sv, key))
-    check(_positive(sv.tau), "server.tau", "must be a finite number > 0", sv.tau)
+    cfg.server.validate()
     for name in REGISTRY:
         getattr(df, name).validate(f"defense.{name}")
         check_finite_fields(getattr(df, name), f"defense.{name}")
-    p = cfg.protocol
-    for key in ("theta_d", "theta_u"):
-        check(0 < getattr(p, key) <= 1, f"protocol.{key}", "must be in (0, 1]", getattr(p, key))
-    check(p.upload_selection in UPLOAD_SELECTIONS, "protocol.upload_selection",
-           f"must be one of {', '.join(UPLOAD_SELECTIONS)}", p.upload_selection)
-    check(p.gamma > 0, "protocol.gamma", "must be > 0 (.inf: no clipping)", p.gamma)
-    check(p.epsilon > 0, "protocol.epsilon", "must be > 0 (.inf: no noise)", p.epsilon)
-    check(p.epsilon == float("inf") or p.gamma < float("inf"), "protocol.gamma",
-           "must be finite when protocol.epsilon is (the noise is calibrated to the clipping bound)", p.gamma)
-    _validate_faults(cfg)
+    cfg.protocol.validate()
+    cfg.faults.validate(u.num_users, t.rounds)
     check(0 <= cfg.report.decimals <= 6, "report.decimals", "must be in [0, 6]", cfg.report.decimals)
     tr = cfg.tracking
     check(bool(tr.experiment), "tracking.experiment", "must not be empty", tr.experiment)
     check(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", tr.tracking_uri) is not None, "tracking.tracking_uri",
-           "must be a URI with a scheme, e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
+          "must be a URI with a scheme, e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
     scheme = tr.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()  # postgresql+psycopg2: postgresql
     if scheme == "file":  # MLflow's file store refuses new runs unless told (its maintenance mode)
         check(os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true", "tracking.tracking_uri",
-               "MLflow's file store takes new runs only with MLFLOW_ALLOW_FILE_STORE=true set; use "
-               "sqlite:///<file> (the default: sqlite:///mlruns/mlflow.db)", tr.tracking_uri)
+              "MLflow's file store takes new runs only with MLFLOW_ALLOW_FILE_STORE=true set; use "
+              "sqlite:///<file> (the default: sqlite:///mlruns/mlflow.db)", tr.tracking_uri)
     check(scheme in TRACKING_SCHEMES, "tracking.tracking_uri",
-           f"must name one of MLflow's stores ({', '.join(f'{s}:' for s in TRACKING_SCHEMES)}), "
-           "e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
+          f"must name one of MLflow's stores ({', '.join(f'{s}:' for s in TRACKING_SCHEMES)}), "
+          "e.g. sqlite:///mlruns/mlflow.db", tr.tracking_uri)
     for key in ("artifact_dir", "reports_dir"):
         check(bool(getattr(tr, key).strip()), f"tracking.{key}", "must not be empty", getattr(tr, key))
     return cfg
-
-
-FAULT_KINDS = ("nan_users", "inf_users", "dropout_users", "huge_users")
-
-
-def _validate_faults(cfg: Config) -> None:
-    f, num_users, rounds = cfg.faults, cfg.users.num_users, cfg.training.rounds
-    kind_of: dict[int, str] = {}
-    for kind in FAULT_KINDS:
-        ids = getattr(f, kind)
-        check(all(0 <= i < num_users for i in ids), f"faults.{kind}",
-               f"must be user ids in [0, users.num_users={num_users})", ids)
-        for i in ids:
-            check(i not in kind_of, f"faults.{kind}",
-                   f"user {i} is already in faults.{kind_of.get(i)} (one fault kind per user)", ids)
-            kind_of[i] = kind
-    check(all(1 <= r <= rounds for r in f.rounds), "faults.rounds",
-           f"must be rounds in [1, training.rounds={rounds}] (empty: every round)", f.rounds)
-    check(_positive(f.huge_scale), "faults.huge_scale", "must be a finite number > 0", f.huge_scale)
-    check(f.max_norm_ratio > 1, "faults.max_norm_ratio", "must be > 1 (.inf: no norm guard)", f.max_norm_ratio)
-
-
-def _positive(value: float) -> bool:
-    """A finite number > 0 (NaN and inf are not)."""
-    return 0 < value < float("inf")
 
 
 def check_output_folders(cfg: Config) -> None:
