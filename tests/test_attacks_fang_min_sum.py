@@ -198,19 +198,25 @@ def test_fang_trim_draws_are_reproducible_and_each_attackers_own():
 
 
 
-def test_fang_search_picks_the_rule_and_searches_b_only_where_it_acts():
-    """Under the krum attack ``b`` does nothing: a search of it there would repeat the configured attack."""
+def test_fang_search_covers_b_and_the_krum_attack_unless_trial_0_runs_it():
+    """Under the krum attack ``b`` does nothing, and the krum attack has no knob: configured to attack Krum, a
+    study's trial 0 runs it, and the search covers the trimmed-mean attack's ``b`` alone; configured to attack
+    trimmed mean, the search picks the rule too."""
     import optuna
 
     from pipeline.experiment.config import with_overrides
 
-    cfg = load_config(DIGITS)
     space = REGISTRY["fang"].search_space
-    assert space(optuna.trial.FixedTrial({"attack.fang.target": "krum"}), cfg) == ["attack.fang.target=krum"]
-    chosen = space(optuna.trial.FixedTrial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 3.5}), cfg)
+    krum = load_config(DIGITS)
+    assert krum.attack.fang.target == "krum"
+    chosen = space(optuna.trial.FixedTrial({"attack.fang.b": 3.5}), krum)
     assert chosen == ["attack.fang.target=trimmed_mean", "attack.fang.b=3.5"]
-    searched = with_overrides(cfg, ["attack.name=fang", *chosen]).attack.fang
+    searched = with_overrides(krum, ["attack.name=fang", *chosen]).attack.fang
     assert (searched.target, searched.b) == ("trimmed_mean", 3.5)
+    trim = with_overrides(krum, ["attack.fang.target=trimmed_mean"])
+    assert space(optuna.trial.FixedTrial({"attack.fang.target": "krum"}), trim) == ["attack.fang.target=krum"]
+    assert space(optuna.trial.FixedTrial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 1.5}), trim) == [
+        "attack.fang.target=trimmed_mean", "attack.fang.b=1.5"]
 
 # --- parameters and runs --------------------------------------------------------------------------------------
 

@@ -204,19 +204,19 @@ def test_the_first_trial_of_an_attack_study_is_the_configured_attack(tmp_path, a
 
 
 def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_running_it(tmp_path, monkeypatch):
-    """Fang's search may pick ``target: krum``, the configured rule: the config of trial 0, whose run is
-    deterministic. Its value is trial 0's, the arm is not trained again, and it does not count in the
+    """Fang's search may pick the configured setting again (trimmed mean, b = 2): the config of trial 0, whose
+    run is deterministic. Its value is trial 0's, the arm is not trained again, and it does not count in the
     budget: two trials that count are three in all."""
     import optuna
 
     from pipeline.experiment import tune
 
-    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True,
-                     n_trials=2)
+    spec = tiny_spec(tmp_path, ["attack.name=fang", "attack.fang.target=trimmed_mean"], kind="attack",
+                     defense="median", fixed_attackers=True, n_trials=2)
     study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
     study.enqueue_trial({}, user_attrs={"baseline": True})
+    study.enqueue_trial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 2.0})
     study.enqueue_trial({"attack.fang.target": "krum"})
-    study.enqueue_trial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 3.0})
     trained, real = [], tune.run_arm
 
     def counted(cfg, arm, *args, **kwargs):
@@ -226,25 +226,25 @@ def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_runnin
     monkeypatch.setattr(tune, "run_arm", counted)
     trials = run_study(spec).study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
-    assert trained == [("benign", "krum"), ("median", "krum"), ("median", "trimmed_mean")]
+    assert trained == [("benign", "trimmed_mean"), ("median", "trimmed_mean"), ("median", "krum")]
     assert trials[1].user_attrs["same_as"] == 0 and "same_as" not in trials[2].user_attrs
     assert trials[1].value == trials[0].value and trials[1].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
     assert [r.data.tags["optuna_trial"] for r in study_runs(tmp_path) if "optuna_trial" in r.data.tags] == ["2", "0"]
 
 
 def test_a_space_with_fewer_settings_than_the_budget_ends_after_three_times_it(tmp_path):
-    """Every trial after the first repeats its config (the sampler asks krum again and again): the study
-    stops after 3 x its budget of trials, with the one that counts."""
+    """Every trial after the first repeats its config (the sampler proposes b = 2 again and again): the study
+    stops after 3 x its budget of trials, with the one that counts, and is done."""
     import optuna
 
     from pipeline.experiment import studies as studies_module
 
-    spec = tiny_spec(tmp_path, ["attack.name=fang"], kind="attack", defense="median", fixed_attackers=True,
-                     n_trials=2)
+    spec = tiny_spec(tmp_path, ["attack.name=fang", "attack.fang.target=trimmed_mean"], kind="attack",
+                     defense="median", fixed_attackers=True, n_trials=2)
     study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
     study.enqueue_trial({}, user_attrs={"baseline": True})
     for _ in range(8):
-        study.enqueue_trial({"attack.fang.target": "krum"})
+        study.enqueue_trial({"attack.fang.target": "trimmed_mean", "attack.fang.b": 2.0})
     trials = run_study(spec).study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == studies_module.REPEATS_CAP * 2 and studies_module.count_finished(study) == 1
-    assert all(t.user_attrs["same_as"] == 0 for t in trials[1:])
+    assert all(t.user_attrs["same_as"] == 0 for t in trials[1:]) and studies_module.searched(study, 2)

@@ -61,7 +61,8 @@ Omniscient and untargeted: success is the accuracy drop.
 Parameters (``attack.fang``): ``target`` (krum | trimmed_mean, the rule attacked, default krum),
 ``b`` (trimmed_mean: the interval's factor, >= 1, default 2, the paper's), ``min_lambda`` (krum: stop
 halving below this, default 1e-5, the paper's threshold). A search (``auror tune --kind attack``,
-``auror worst-case``) picks ``target``, and ``b`` where it acts.
+``auror worst-case``) after trial 0 (the configured attack) covers the trimmed-mean attack's ``b``, and the
+krum attack when the config attacks trimmed mean.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ class Fang(Attack):
 
     @classmethod
     def search_space(cls, trial, cfg) -> list[str]:
-        """The rule to attack, then ``b`` where it acts (under ``trimmed_mean``): a search of ``b`` alone under
-        the krum attack would repeat the configured attack in every trial."""
-        target = trial.suggest_categorical("attack.fang.target", list(TARGETS))
+        """The trimmed-mean attack's ``b``, and the krum attack (no knob: one setting) unless the config attacks
+        Krum already, as a study's trial 0 then runs it: a search of ``b`` under krum would repeat trial 0."""
+        targets = [t for t in TARGETS if t != "krum" or cfg.attack.fang.target != "krum"]
+        target = trial.suggest_categorical("attack.fang.target", targets) if len(targets) > 1 else targets[0]
         if target == "krum":
             return [f"attack.fang.target={target}"]
         return [f"attack.fang.target={target}", *super().search_space(trial, cfg)]

@@ -109,12 +109,18 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, se
     return study
 
 
-REPEATS_CAP = 3  # a study asks at most this many times its budget: a space with fewer settings than the budget ends
+REPEATS_CAP = 3  # a study asks at most this many times its budget (a sampler that proposes tried settings only)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial counts in the budget: not one that took the value of a trial of the same config."""
     return "same_as" not in trial.user_attrs
+
+
+def searched(study: optuna.Study, n_trials: int) -> bool:
+    """Whether the study is done: ``n_trials`` finished trials that count, or ``REPEATS_CAP`` x as many in all."""
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    return sum(map(counted, finished)) >= n_trials or len(finished) >= REPEATS_CAP * n_trials
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -151,11 +157,10 @@ def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HE
     while True:
         fail_stale_trials(study)
         finished = count_finished(study)
-        if finished >= n_trials:
-            return
-        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= REPEATS_CAP * n_trials:
-            log.info("study %s: %d trials asked, %d of them settings not tried before; its space holds no more "
-                     "the sampler finds", study.study_name, REPEATS_CAP * n_trials, finished)
+        if searched(study, n_trials):
+            if finished < n_trials:
+                log.info("study %s: %d trials asked, %d of them settings not tried before: the sampler proposes "
+                         "tried ones only", study.study_name, REPEATS_CAP * n_trials, finished)
             return
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if finished + running >= n_trials:

@@ -25,8 +25,8 @@ Two kinds of study, both maximised, every trial one run of the defense's arm
 
 The first trial of a new study is the configured setting itself (a baseline): it searches no
 parameter and runs the config as given (``attack.alie.z: 0`` is z_max, not the range's low end);
-the trials CSV marks it ``configured``. A trial whose choices give the config of a complete trial (Fang's
-search choosing ``target: krum``, the configured rule) takes that trial's value and metrics without
+the trials CSV marks it ``configured``. A trial whose choices give the config of a complete trial (a
+choice without knobs proposed again) takes that trial's value and metrics without
 running (a run is a function of its config and seed), the CSV says whose, and it does not count in
 ``n_trials``: a study asks until ``n_trials`` settings were tried, or 3 x ``n_trials`` trials in all.
 Every round reports its value (the same formula on that round's model and

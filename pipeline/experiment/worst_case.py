@@ -76,7 +76,7 @@ def plan(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_t
 def summarise(spec: StudySpec, study) -> dict:
     """A pair's row: its default-knob value (trial 0), its worst (the study's best) and the knobs of it
     (a study not made yet: no value, no trial)."""
-    from pipeline.experiment.studies import counted  # (Optuna loads only when a report is read)
+    from pipeline.experiment.studies import counted, searched  # (Optuna loads only when a report is read)
 
     attack = spec.cfg.attack.name
     trials = [] if study is None else study.trials
@@ -88,7 +88,8 @@ def summarise(spec: StudySpec, study) -> dict:
             "metric": "AD" if make_attack(spec.cfg).success_metric == ACCURACY_DROP else "SR",  # ALIE's: by variant
             "default": None if baseline is None else baseline.value,
             "worst": None if best is None else best.value, "worst_trial": None if best is None else best.number,
-            "knobs": None if best is None else best.user_attrs.get("overrides", []), "trials": len(finished)}
+            "knobs": None if best is None else best.user_attrs.get("overrides", []), "trials": len(finished),
+            "done": study is not None and searched(study, spec.n_trials)}
 
 
 def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] | None, n_trials: int,
@@ -120,7 +121,7 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
         return write_report(rows, cfg, config, n_trials, command, stem)
     md, spent, searched = None, 0.0, 0
     for i, spec in enumerate(specs):  # the report after each study: an interrupted search leaves its progress
-        if rows[i]["trials"] >= n_trials:  # searched to the budget already (by this worker or another)
+        if rows[i]["done"]:  # searched to the budget already (by this worker or another)
             continue
         log.info("== study %d/%d: %s against %s (%s)", i + 1, len(specs), spec.cfg.attack.name, spec.defense,
                  spec.study_name)
@@ -128,7 +129,7 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
         rows[i] = summarise(spec, run_study(spec).study)
         md = write_report(rows, cfg, config, n_trials, command, stem)
         spent, searched = spent + time.monotonic() - start, searched + 1
-        left = sum(r["trials"] < n_trials for r in rows[i + 1:])
+        left = sum(not r["done"] for r in rows[i + 1:])
         log.info("%d pairs searched in %.0f min by this worker; %d to go, about %.1f h for one worker at this pace",
                  searched, spent / 60, left, left * spent / searched / 3600)
     return md or write_report(rows, cfg, config, n_trials, command, stem)
@@ -159,6 +160,8 @@ def short_knob(override: str) -> str:
 
 def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, command: str, stem: Path) -> Path:
     """``<stem>.json`` (config, budget, every pair, the leaderboard), ``<stem>.md`` and the heatmap ``<stem>.png``."""
+    from pipeline.experiment.studies import REPEATS_CAP  # (loaded with the studies the rows come from)
+
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"config": config, "n_trials": n_trials, "pairs": rows, "leaderboard": leaderboard(rows)}
     write_report_file(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
@@ -169,8 +172,10 @@ def write_report(rows: list[dict], cfg: Config, config: dict, n_trials: int, com
              f"{cfg.users.malicious_fraction:.0%} malicious users; config {config['hash']}, every value in "
              f"`{stem.name}.json`. SR: attack success rate (targeted); AD: accuracy drop against the benign arm "
              "(untargeted). Each cell: worst (default knobs).", "",
-             f"Searched to the budget: {sum(r['trials'] >= n_trials for r in rows)} of {len(rows)} pairs (the "
-             "pairs' table gives each pair's finished trials; a pair at 0 has not been searched yet).", ""]
+             f"Searched to the budget: {sum(r['done'] for r in rows)} of {len(rows)} pairs (the "
+             "pairs' table gives each pair's finished trials; a pair at 0 has not been searched yet; a pair "
+             f"below {n_trials} is done when its sampler asked {REPEATS_CAP} x as many, proposing tried settings "
+             "only).", ""]
     for section, table in report_tables(data).items():
         lines += [f"## {section}", "", table]
     lines += [f"![worst-case success per defense and attack]({stem.name}.png)", ""]
