@@ -470,7 +470,7 @@ def headline_table(name: str = "compare_mnist", setting: str = "IID 30%", worst_
 
 def searched_pairs(name: str = "worst_case_mnist") -> dict[str, dict[str, float]]:
     """``{attack: {defense: worst value}}`` of ``reports/<name>.json`` for the attacks whose every pair is
-    searched to the report's budget of trials (an attack still under way is left out)."""
+    searched to the report's budget (``done``; an attack still under way is left out)."""
     path = REPORTS / f"{name}.json"
     if not path.is_file():
         return {}
@@ -479,7 +479,7 @@ def searched_pairs(name: str = "worst_case_mnist") -> dict[str, dict[str, float]
     for pair in data["pairs"]:
         by_attack.setdefault(pair["attack"], []).append(pair)
     return {attack: {p["defense"]: p["worst"] for p in pairs} for attack, pairs in by_attack.items()
-            if all(p["trials"] >= data["n_trials"] for p in pairs)}
+            if all(p["done"] for p in pairs)}
 
 
 GOAL_ARMS = ("auror", "auror_guard", "multi_krum")
