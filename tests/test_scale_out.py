@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from pipeline.core.errors import ConfigError
 from pipeline.experiment.storage import database_url
 from pipeline.experiment.queue import Sweep
+from pipeline.experiment.studies import counted
 from tests.conftest import TINY
 from tests.servers import (Postgres, auror_command, free_port, mlflow_auth_missing, mlflow_server, postgres_bin,
                            postgres_server, psycopg_missing, throwaway_password, without_credentials)
@@ -129,7 +130,12 @@ def test_two_workers_on_one_study_finish_exactly_n_trials(postgres, tmp_path):
     finish(procs, tmp_path, logs)
     study = load(storage)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == 5
+    # 5 that count; a trial that proposed a finished one's config took its value and ran nothing
+    assert sum(map(counted, finished)) == 5
+    assert all(t.user_attrs["same_as"] < t.number for t in finished if not counted(t))
+    # each trial draws from the study's seed plus its number: the workers proposed apart (a float knob)
+    proposed = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(proposed)) == len(proposed) == 5
     # a worker that lost the race for the last trial stepped back before running it
     assert all(t.user_attrs.get("surplus") for t in study.get_trials(states=(TrialState.FAIL,)))
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
@@ -164,7 +170,7 @@ def test_a_killed_worker_trial_is_failed_and_retried_by_the_survivor(postgres, t
 
     study = load(storage)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert len(finished) == 3
+    assert sum(map(counted, finished)) == 3
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     assert failed.number == killed
     retried = [t for t in finished if t.system_attrs.get("failed_trial") == killed]

@@ -104,9 +104,14 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, se
     check_setting(study, name, setting)
     if study.user_attrs.get("setting") is None:
         study.set_user_attr("setting", setting)
-    # re-seeded on every resume, so that a continued study does not replay its first samples
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
+    study.sampler = trial_sampler(seed, len(study.trials))
     return study
+
+
+def trial_sampler(seed: int, number: int) -> optuna.samplers.TPESampler:
+    """The sampler of trial ``number``: seeded by it, so that workers of one study do not propose alike
+    (each opens the study with the same trials) and a continued study does not replay its first samples."""
+    return optuna.samplers.TPESampler(seed=seed + number, n_startup_trials=5)
 
 
 REPEATS_CAP = 3  # a study asks at most this many times its budget (a sampler that proposes tried settings only)

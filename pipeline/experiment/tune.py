@@ -241,6 +241,7 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
         if studies.claimed_before(trial.study, trial.number) >= spec.n_trials:
             trial.set_user_attr("surplus", True)
             raise studies.SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
+        trial.study.sampler = studies.trial_sampler(spec.cfg.seed, trial.number)
         # the first trial is the configured setting: it searches nothing
         overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(
             spec.kind, spec.defense, trial, spec.cfg, None if spec.fixed_attackers else budget)
