@@ -45,6 +45,9 @@ def test_every_pair_is_a_study_of_the_attack_knobs_with_the_attackers_fixed(tiny
         mine = [r for r in report["pairs"] if r["defense"] == entry["defense"]]
         assert entry["SR"]["worst"] == max(r["worst"] for r in mine if r["metric"] == "SR")
         assert entry["AD"]["worst"] == max(r["worst"] for r in mine if r["metric"] == "AD")
+        assert entry["worst"] == max(r["worst"] for r in mine)
+    ranked = [entry["worst"] for entry in report["leaderboard"]]
+    assert ranked == sorted(ranked)  # best first
     text = md.read_text()
     assert "| median |" in text and "trial 0: the attack's configured knobs" in text
 

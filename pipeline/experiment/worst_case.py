@@ -136,7 +136,8 @@ def run_worst_case(cfg: Config, defenses: list[str] | None, attacks: list[str] |
 
 
 def leaderboard(rows: list[dict]) -> list[dict]:
-    """Per defense: its worst SR and worst AD over the attacks, with the attack, knobs and default value."""
+    """Per defense: its worst SR and worst AD over the attacks, with the attack, knobs and default value, and
+    ``worst`` the larger of the two: best (lowest) first, a defense with nothing searched last."""
     board = []
     for defense in dict.fromkeys(r["defense"] for r in rows):
         entry = {"defense": defense}
@@ -144,8 +145,9 @@ def leaderboard(rows: list[dict]) -> list[dict]:
             scored = [r for r in rows if r["defense"] == defense and r["metric"] == metric and r["worst"] is not None]
             top = max(scored, key=lambda r: r["worst"], default=None)
             entry[metric] = None if top is None else {k: top[k] for k in ("attack", "worst", "default", "knobs")}
+        entry["worst"] = max((entry[m]["worst"] for m in ("SR", "AD") if entry[m]), default=None)
         board.append(entry)
-    return board
+    return sorted(board, key=lambda e: (e["worst"] is None, e["worst"] or 0.0))
 
 
 def short_knob(override: str) -> str:
@@ -195,9 +197,10 @@ def report_tables(data: dict) -> dict[str, str]:
     def knobs(overrides: list[str] | None) -> str:
         return "configured" if not overrides else ", ".join(f"`{short_knob(o)}`" for o in overrides)
 
-    board = ["| defense | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|"]
+    board = ["Best first: by the larger of the defense's worst SR and worst AD.", "",
+             "| defense | worst | worst SR | by (knobs) | worst AD | by (knobs) |", "|---|---|---|---|---|---|"]
     for entry in data["leaderboard"]:
-        cells = []
+        cells = [value(entry["worst"])]
         for metric in ("SR", "AD"):
             top = entry[metric]
             cells += (["-", "-"] if top is None else
