@@ -232,6 +232,23 @@ def test_a_trial_of_a_config_a_finished_trial_ran_takes_its_value_without_runnin
     assert [r.data.tags["optuna_trial"] for r in study_runs(tmp_path) if "optuna_trial" in r.data.tags] == ["2", "0"]
 
 
+def test_a_second_queued_configured_trial_steps_back_without_running(tmp_path, monkeypatch):
+    """Two workers that open a new study at once each queue trial 0: the later copy is failed as surplus, not run."""
+    import optuna
+
+    from pipeline.experiment import tune
+
+    spec = tiny_spec(tmp_path, ["attack.name=ipm"], kind="attack", defense="median", fixed_attackers=True, n_trials=2)
+    study = optuna.create_study(study_name="t", storage=spec.storage, direction="maximize")
+    for _ in range(2):
+        study.enqueue_trial({}, user_attrs={"baseline": True})
+    trained, real = [], tune.run_arm
+    monkeypatch.setattr(tune, "run_arm", lambda cfg, arm, *a, **k: trained.append(arm) or real(cfg, arm, *a, **k))
+    trials = run_study(spec).study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["surplus"] and trials[2].params and trained == ["benign", "median", "median"]
+
+
 def test_a_space_with_fewer_settings_than_the_budget_ends_after_three_times_it(tmp_path):
     """Every trial after the first repeats its config (the sampler proposes b = 2 again and again): the study
     stops after 3 x its budget of trials, with the one that counts, and is done."""

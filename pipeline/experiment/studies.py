@@ -149,6 +149,12 @@ def claimed_before(study: optuna.Study, number: int) -> int:
                for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
 
 
+def earlier_baseline(study: optuna.Study, number: int) -> bool:
+    """Whether a configured-setting trial numbered before ``number`` is queued, running or finished."""
+    return any(t.number < number and t.user_attrs.get("baseline") and t.state != TrialState.FAIL
+               for t in study.get_trials(deepcopy=False))
+
+
 def run_trials(study: optuna.Study, objective, n_trials: int, poll_s: float = HEARTBEAT_S) -> None:
     """Run trials, one at a time, with any other worker of the study until it has ``n_trials`` finished ones
     that count (:func:`counted`), or ``REPEATS_CAP`` times as many in all.

@@ -241,6 +241,9 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
         if studies.claimed_before(trial.study, trial.number) >= spec.n_trials:
             trial.set_user_attr("surplus", True)
             raise studies.SurplusTrial(f"trial {trial.number}: the study's {spec.n_trials} trials are taken by other workers")
+        if trial.user_attrs.get("baseline") and studies.earlier_baseline(trial.study, trial.number):
+            trial.set_user_attr("surplus", True)  # workers that opened the new study at once each queued trial 0
+            raise studies.SurplusTrial(f"trial {trial.number}: another worker queued the configured setting first")
         trial.study.sampler = studies.trial_sampler(spec.cfg.seed, trial.number)
         # the first trial is the configured setting: it searches nothing
         overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(
