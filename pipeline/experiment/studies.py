@@ -104,14 +104,33 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, setting: dict, se
     check_setting(study, name, setting)
     if study.user_attrs.get("setting") is None:
         study.set_user_attr("setting", setting)
-    study.sampler = trial_sampler(seed, len(study.trials))
+    study.sampler = TrialSeededTPE(seed)
     return study
 
 
-def trial_sampler(seed: int, number: int) -> optuna.samplers.TPESampler:
-    """The sampler of trial ``number``: seeded by it, so that workers of one study do not propose alike
-    (each opens the study with the same trials) and a continued study does not replay its first samples."""
-    return optuna.samplers.TPESampler(seed=seed + number, n_startup_trials=5)
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose draws for trial ``n`` come from ``seed + n``: workers of one study do not propose alike
+    (each opens the study with the same trials), and a continued study does not replay its first draws."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+    def before_trial(self, study, trial) -> None:
+        self.tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=5)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.tpe.after_trial(study, trial, state, values)
 
 
 REPEATS_CAP = 3  # a study asks at most this many times its budget (a sampler that proposes tried settings only)

@@ -244,7 +244,6 @@ def make_objective(spec: StudySpec, name: str, budget: float, benign: float, exp
         if trial.user_attrs.get("baseline") and studies.earlier_baseline(trial.study, trial.number):
             trial.set_user_attr("surplus", True)  # workers that opened the new study at once each queued trial 0
             raise studies.SurplusTrial(f"trial {trial.number}: another worker queued the configured setting first")
-        trial.study.sampler = studies.trial_sampler(spec.cfg.seed, trial.number)
         # the first trial is the configured setting: it searches nothing
         overrides = [] if trial.user_attrs.get("baseline") else objectives.suggest(
             spec.kind, spec.defense, trial, spec.cfg, None if spec.fixed_attackers else budget)
